@@ -1,0 +1,99 @@
+"""Configuration as frozen values. Every timeout and bound is named here, with why.
+
+The CLI builds a :class:`Settings` from flags, ``IDENTITYD_*`` environment
+variables and an optional config file; everything else receives the pieces it
+needs through its constructor.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+# Tokens: tolerated clock difference between the API server and us. Small on
+# purpose: it widens every token's validity window by this much at both ends.
+CLOCK_SKEW_SECONDS = 30
+# Refetch a JWKS on an unknown `kid` at most this often, so a flood of forged
+# kids cannot turn into a flood of requests to the key endpoint.
+JWKS_REFETCH_INTERVAL_SECONDS = 30.0
+# Refresh a JWKS URL in the background this often even without unknown kids.
+JWKS_MAX_AGE_SECONDS = 3600.0
+# Timeout for one JWKS fetch.
+JWKS_FETCH_TIMEOUT_SECONDS = 5.0
+# A JWT larger than this is refused before it is decoded (real SA tokens are ~1 KiB).
+MAX_TOKEN_BYTES = 16 * 1024
+
+# Callback: the CA's own timeout is 30 s; a decision must come back far sooner.
+DEFAULT_MAX_BODY_BYTES = 64 * 1024
+DEFAULT_DECISION_TIMEOUT_SECONDS = 2.0
+# JSON nested deeper than this is refused (a real InstanceConfirmation is depth 2).
+MAX_JSON_DEPTH = 8
+# A CSR PEM larger than this is refused before parsing.
+MAX_CSR_BYTES = 16 * 1024
+# At most this many SAN entries per kind in a request or CSR.
+MAX_SAN_ENTRIES = 32
+
+# Certificates.
+DEFAULT_CERT_EXPIRY_MINUTES = 60 * 24
+MIN_RSA_BITS = 2048
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    cert: str | None = None
+    key: str | None = None
+    client_ca: str | None = None
+    # CN or SAN (DNS/URI) values a client certificate must carry one of; empty = any
+    # certificate that chains to client_ca.
+    allowed_clients: tuple[str, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert and self.key)
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    issuer: str = "https://kubernetes.default.svc.cluster.local"
+    audiences: tuple[str, ...] = ("identityd",)
+    jwks: str | None = None  # file path or http(s) URL
+    leeway_seconds: int = CLOCK_SKEW_SECONDS
+    # 0 = no limit. Bound tokens are short-lived; this caps tokens minted long ago.
+    max_age_seconds: int = 0
+    refetch_interval_seconds: float = JWKS_REFETCH_INTERVAL_SECONDS
+    max_key_age_seconds: float = JWKS_MAX_AGE_SECONDS
+    fetch_timeout_seconds: float = JWKS_FETCH_TIMEOUT_SECONDS
+
+
+@dataclass(frozen=True)
+class IdentitySettings:
+    """The naming conventions of DESIGN §3, handed to the policy as ``input.config``."""
+
+    provider: str = "sys.auth.k8s"
+    dns_suffixes: tuple[str, ...] = ("k8s.example.com",)
+    trust_domain: str = "cluster.local"
+    cert_expiry_minutes: int = DEFAULT_CERT_EXPIRY_MINUTES
+    cert_usage: str = "client"
+    allow_refresh: bool = True
+    min_rsa_bits: int = MIN_RSA_BITS
+
+
+@dataclass(frozen=True)
+class Settings:
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
+    tokens: TokenSettings = field(default_factory=TokenSettings)
+    tls: TLSSettings = field(default_factory=TLSSettings)
+    listen: str = "127.0.0.1:8443"
+    pods: str | None = None  # static inventory file; None = watch the cluster
+    policies: str = "policies"
+    engine: str = "embedded"
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    decision_timeout_seconds: float = DEFAULT_DECISION_TIMEOUT_SECONDS
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    log_level: str = "INFO"
+
+    def listen_host_port(self) -> tuple[str, int]:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"listen: expected HOST:PORT, got {self.listen!r}")
+        return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - explicit empty host
