@@ -84,6 +84,8 @@ class Settings:
     tokens: TokenSettings = field(default_factory=TokenSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
     listen: str = "127.0.0.1:8443"
+    # Plain-HTTP port for probes and metrics; kubelet probes carry no client certificate.
+    metrics_listen: str | None = None
     pods: str | None = None  # static inventory file; None = watch the cluster
     policies: str = "policies"
     engine: str = "embedded"
@@ -92,8 +94,11 @@ class Settings:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     log_level: str = "INFO"
 
-    def listen_host_port(self) -> tuple[str, int]:
-        host, sep, port = self.listen.rpartition(":")
-        if not sep or not port.isdigit():
-            raise ValueError(f"listen: expected HOST:PORT, got {self.listen!r}")
-        return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - explicit empty host
+
+
+def host_port(address: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:8443`` for IPv6); raise ValueError naming the value."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - an explicit empty host

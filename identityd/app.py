@@ -1,0 +1,127 @@
+"""Wiring only: build the edges from Settings, the aiohttp app, and the TLS context."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from identityd.callback.decision_log import DecisionLog
+from identityd.callback.http import (
+    ALLOWED_CLIENTS_KEY,
+    ENGINE_KEY,
+    INVENTORY_KEY,
+    LOG_KEY,
+    MAX_BODY_KEY,
+    METRICS_KEY,
+    PIPELINE_KEY,
+    add_routes,
+    error_middleware,
+)
+from identityd.callback.pipeline import Pipeline
+from identityd.errors import ConfigError
+from identityd.inventory.base import PodInventory
+from identityd.inventory.static import StaticInventory
+from identityd.metrics import Metrics
+from identityd.policy.base import PolicyEngine
+from identityd.policy.embedded import EmbeddedEngine
+from identityd.policy.sources import load_policy_dir
+from identityd.settings import Settings
+from identityd.tokens.base import TokenVerifier
+from identityd.tokens.jwks import JWKSVerifier
+
+
+@dataclass
+class Edges:
+    verifier: TokenVerifier
+    inventory: PodInventory
+    engine: PolicyEngine
+
+    async def aclose(self) -> None:
+        await self.verifier.aclose()
+        await self.inventory.aclose()
+        await self.engine.aclose()
+
+
+async def build_edges(settings: Settings, metrics: Metrics | None = None) -> Edges:
+    """The production or local implementation of each edge, as configured."""
+    if not settings.tokens.jwks:
+        raise ConfigError("CONFIG_ERROR", "--jwks is required (file path or URL)")
+    if settings.pods is None:
+        raise ConfigError("CONFIG_ERROR", "--pods is required (cluster inventory not configured)")
+    if settings.engine != "embedded":
+        raise ConfigError("CONFIG_ERROR", f"--engine {settings.engine!r} is not available")
+    inventory = StaticInventory.from_file(settings.pods)
+    engine = EmbeddedEngine(timeout=settings.decision_timeout_seconds)
+    try:
+        await engine.load(load_policy_dir(settings.policies))
+    except BaseException:
+        await engine.aclose()
+        raise
+    if metrics is not None:
+        metrics.policy_loads.labels(result="ok").inc()
+    verifier = JWKSVerifier(settings.tokens)
+    return Edges(verifier=verifier, inventory=inventory, engine=engine)
+
+
+def create_app(
+    settings: Settings,
+    edges: Edges,
+    *,
+    metrics: Metrics | None = None,
+    decision_log: DecisionLog | None = None,
+    callback: bool = True,
+) -> web.Application:
+    """The aiohttp application. ``callback=False`` serves only probes and metrics."""
+    metrics = metrics or Metrics()
+    app = web.Application(
+        middlewares=[error_middleware],
+        # The handler enforces the limit itself (413); this is the backstop.
+        client_max_size=settings.max_body_bytes + 1,
+    )
+    app[PIPELINE_KEY] = Pipeline(
+        identity=settings.identity,
+        verifier=edges.verifier,
+        inventory=edges.inventory,
+        engine=edges.engine,
+    )
+    app[METRICS_KEY] = metrics
+    app[LOG_KEY] = decision_log or DecisionLog()
+    app[INVENTORY_KEY] = edges.inventory
+    app[ENGINE_KEY] = edges.engine
+    app[MAX_BODY_KEY] = settings.max_body_bytes
+    app[ALLOWED_CLIENTS_KEY] = frozenset(settings.tls.allowed_clients)
+    add_routes(app, callback=callback)
+    return app
+
+
+def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """Server TLS; with a client CA, a client certificate is required (ZTS presents one)."""
+    tls = settings.tls
+    if not tls.enabled:
+        if tls.client_ca or tls.allowed_clients:
+            raise ConfigError("CONFIG_ERROR", "--client-ca/--allowed-client need --tls-cert/--tls-key")
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(tls.cert or "", tls.key)
+        if tls.client_ca:
+            ctx.load_verify_locations(cafile=tls.client_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("CONFIG_ERROR", f"TLS files: {exc}") from exc
+    if tls.allowed_clients and not tls.client_ca:
+        raise ConfigError("CONFIG_ERROR", "--allowed-client needs --client-ca")
+    return ctx
+
+
+async def edges_context(settings: Settings, metrics: Metrics) -> AsyncIterator[Edges]:
+    """Edges as an async resource: built on entry, closed on exit."""
+    async with AsyncExitStack() as stack:
+        edges = await build_edges(settings, metrics)
+        stack.push_async_callback(edges.aclose)
+        yield edges

@@ -1,0 +1,222 @@
+"""aiohttp handlers for the callback API (DESIGN §2) and the one error middleware.
+
+Status mapping lives in exactly one place, :func:`error_middleware`: every
+IdentitydError renders as ``{"code": status, "message": ...}``. A 403 carries
+reason codes only; their details (which may name other pods) go to the
+decision log, never to the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from identityd.callback.decision_log import DecisionLog, DecisionRecord
+from identityd.callback.pipeline import Outcome, Pipeline
+from identityd.errors import (
+    BadRequest,
+    Denied,
+    IdentitydError,
+    PayloadTooLarge,
+    PolicyUnavailable,
+    Unavailable,
+)
+from identityd.inventory.base import PodInventory
+from identityd.metrics import CONTENT_TYPE_LATEST, Metrics, render
+from identityd.policy.base import PolicyEngine
+
+log = logging.getLogger("identityd.http")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+PIPELINE_KEY = web.AppKey("pipeline", Pipeline)
+METRICS_KEY = web.AppKey("metrics", Metrics)
+LOG_KEY = web.AppKey("decision_log", DecisionLog)
+INVENTORY_KEY = web.AppKey("inventory", PodInventory)
+ENGINE_KEY = web.AppKey("engine", PolicyEngine)
+MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
+ALLOWED_CLIENTS_KEY = web.AppKey("allowed_clients", frozenset)
+
+
+def error_body(status: int, message: str) -> web.Response:
+    return web.json_response({"code": status, "message": message}, status=status)
+
+
+def public_message(exc: IdentitydError) -> str:
+    if isinstance(exc, Denied):
+        codes = sorted({r.split(":", 1)[0].strip() for r in exc.reasons})
+        return ", ".join(codes)
+    if isinstance(exc, Unavailable):
+        return exc.code
+    return "; ".join(exc.reasons)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except IdentitydError as exc:
+        response = error_body(exc.status, public_message(exc))
+    except web.HTTPRequestEntityTooLarge:
+        response = error_body(413, "BODY_TOO_LARGE")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = error_body(exc.status, exc.reason)
+    except Exception:  # noqa: BLE001 - the edge: a bug is a 503 deny, never a 500 or an allow
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        response = error_body(503, "INTERNAL_ERROR")
+    request_id = request.get("request_id")
+    if request_id:
+        response.headers["X-Request-Id"] = request_id
+    return response
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    request["request_id"] = rid
+    return rid
+
+
+def _peer(request: web.Request) -> tuple[str, str | None]:
+    """Peer address and the client certificate's CN, if any."""
+    peername = request.transport.get_extra_info("peername") if request.transport else None
+    address = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else "unknown"
+    cert = request.transport.get_extra_info("peercert") if request.transport else None
+    return address, _cert_names(cert)[0] if cert else None
+
+
+def _cert_names(cert: Mapping[str, Any]) -> tuple[str | None, set[str]]:
+    cn: str | None = None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                cn = value
+    sans = {value for kind, value in cert.get("subjectAltName", ()) if kind in ("DNS", "URI")}
+    return cn, sans
+
+
+def check_client(request: web.Request) -> None:
+    """With --allowed-client, the CA's certificate must carry one of the names."""
+    allowed: frozenset[str] = request.app[ALLOWED_CLIENTS_KEY]
+    if not allowed:
+        return
+    cert = request.transport.get_extra_info("peercert") if request.transport else None
+    if not cert:
+        raise Denied("CLIENT_NOT_ALLOWED", "no client certificate")
+    cn, sans = _cert_names(cert)
+    if not ({cn} | sans) & allowed:
+        raise Denied("CLIENT_NOT_ALLOWED", f"client certificate CN={cn!r} not allowed")
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge("BODY_TOO_LARGE", f"{request.content_length} bytes > {limit}")
+    if request.content_type != "application/json":
+        raise BadRequest("BAD_CONTENT_TYPE", "Content-Type must be application/json")
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(16384):
+        body.extend(chunk)
+        if len(body) > limit:
+            raise PayloadTooLarge("BODY_TOO_LARGE", f"more than {limit} bytes")
+    return bytes(body)
+
+
+def allow_response(outcome: Outcome) -> web.Response:
+    """Echo the InstanceConfirmation with the attributes the CA reads set."""
+    req = outcome.request
+    attributes = dict(req.attributes)
+    attributes.update(outcome.decision.attributes)
+    body = {
+        "provider": req.provider,
+        "domain": req.domain,
+        "service": req.service,
+        "attestationData": req.attestation_data,
+        "attributes": attributes,
+    }
+    return web.json_response(body, status=200)
+
+
+def _result(exc: IdentitydError) -> str:
+    if isinstance(exc, Denied):
+        return "deny"
+    if isinstance(exc, Unavailable):
+        return "unavailable"
+    if isinstance(exc, BadRequest):
+        return "bad_request"
+    return "error"
+
+
+def callback_handler(kind: str) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        app = request.app
+        metrics, decision_log = app[METRICS_KEY], app[LOG_KEY]
+        address, cn = _peer(request)
+        record = DecisionRecord(
+            request_id=_request_id(request), kind=kind,
+            client=f"{address} cn={cn}" if cn else address, started=time.perf_counter(),
+        )
+        try:
+            check_client(request)
+            body = await read_body(request, app[MAX_BODY_KEY])
+            outcome = await app[PIPELINE_KEY].run(kind, body, record)
+            response = allow_response(outcome)
+            record.decision, record.status = "allow", 200
+        except IdentitydError as exc:
+            record.decision, record.status, record.reasons = _result(exc), exc.status, exc.reasons
+            for code in {r.split(":", 1)[0].strip() for r in exc.reasons}:
+                metrics.reasons.labels(code=code).inc()
+            if isinstance(exc, PolicyUnavailable) and exc.code == "POLICY_UNDEFINED":
+                metrics.policy_undefined.inc()
+            raise
+        except web.HTTPRequestEntityTooLarge:
+            record.decision, record.status, record.reasons = "bad_request", 413, ["BODY_TOO_LARGE"]
+            raise
+        finally:
+            record.latency_ms = (time.perf_counter() - record.started) * 1000.0
+            metrics.decisions.labels(kind=kind, result=record.decision).inc()
+            metrics.latency.labels(kind=kind).observe(record.latency_ms / 1000.0)
+            for stage, ms in record.stages_ms.items():
+                if stage in ("token", "csr", "inventory", "policy"):
+                    metrics.stage.labels(stage=stage).observe(ms / 1000.0)
+            decision_log.write(record)
+        return response
+
+    return handle
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    inventory, engine = request.app[INVENTORY_KEY], request.app[ENGINE_KEY]
+    checks = {"inventory": inventory.ready, "policy": engine.ready}
+    ready = all(checks.values())
+    return web.json_response(
+        {"status": "ready" if ready else "not ready", "checks": checks},
+        status=200 if ready else 503,
+    )
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS_KEY]
+    metrics.inventory_pods.set(request.app[INVENTORY_KEY].size())
+    return web.Response(body=render(metrics), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def add_routes(app: web.Application, *, callback: bool = True) -> None:
+    if callback:
+        app.router.add_post("/instance", callback_handler("instance"))
+        app.router.add_post("/refresh", callback_handler("refresh"))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)

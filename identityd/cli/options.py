@@ -1,0 +1,171 @@
+"""The one table of server options: flag, environment variable, config-file key, Settings field.
+
+Precedence: command-line flag > ``IDENTITYD_*`` environment variable > ``--config``
+file > default. Repeatable options take a comma-separated list from the
+environment and a list (or comma-separated string) from the config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from identityd.errors import ConfigError
+from identityd.settings import IdentitySettings, Settings, TLSSettings, TokenSettings
+
+ENV_PREFIX = "IDENTITYD_"
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str  # "--dns-suffix"
+    target: str  # "identity.dns_suffixes": section.field of Settings
+    help: str
+    type: Callable[[str], Any] = str
+    repeat: bool = False
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def key(self) -> str:
+        return self.flag.removeprefix("--")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.key.upper().replace("-", "_")
+
+    @property
+    def dest(self) -> str:
+        return self.key.replace("-", "_")
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("--listen", "listen", "HOST:PORT the callback server listens on"),
+    Option("--metrics-listen", "metrics_listen",
+           "HOST:PORT for plain-HTTP /healthz, /readyz and /metrics (optional; for probes)"),
+    Option("--workers", "workers", "server worker processes (default: number of cores)", int),
+    Option("--provider", "identity.provider", "provider service name requests must carry"),
+    Option("--dns-suffix", "identity.dns_suffixes", "DNS suffix for SAN DNS names", repeat=True),
+    Option("--trust-domain", "identity.trust_domain", "SPIFFE trust domain"),
+    Option("--cert-expiry-minutes", "identity.cert_expiry_minutes",
+           "certificate lifetime granted, in minutes", int),
+    Option("--cert-usage", "identity.cert_usage", "certUsage granted", choices=("client", "server")),
+    Option("--allow-refresh", "identity.allow_refresh", "allow /refresh (true/false)", _bool),
+    Option("--min-rsa-bits", "identity.min_rsa_bits", "smallest RSA key accepted in a CSR", int),
+    Option("--issuer", "tokens.issuer", "expected token issuer (iss)"),
+    Option("--audience", "tokens.audiences", "accepted token audience (aud)", repeat=True),
+    Option("--jwks", "tokens.jwks", "JWKS file or https URL with the token signing keys"),
+    Option("--max-token-age", "tokens.max_age_seconds",
+           "refuse tokens issued longer ago than this many seconds (0 = no limit)", int),
+    Option("--token-leeway", "tokens.leeway_seconds", "clock skew tolerated, seconds", int),
+    Option("--pods", "pods", "static inventory: JSON/YAML list of Pods or a v1/PodList"),
+    Option("--policies", "policies", "directory of Rego policies"),
+    Option("--engine", "engine", "policy engine", choices=("embedded",)),
+    Option("--decision-timeout", "decision_timeout_seconds", "policy decision timeout, seconds",
+           float),
+    Option("--max-body-bytes", "max_body_bytes", "largest callback body accepted", int),
+    Option("--tls-cert", "tls.cert", "server certificate chain (PEM)"),
+    Option("--tls-key", "tls.key", "server private key (PEM)"),
+    Option("--client-ca", "tls.client_ca", "CA bundle for client certificates (requires one)"),
+    Option("--allowed-client", "tls.allowed_clients",
+           "CN or SAN a client certificate must carry (any of them)", repeat=True),
+    Option("--log-level", "log_level", "logging level",
+           choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+)
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML or JSON file with any of the options below")
+    for opt in OPTIONS:
+        parser.add_argument(
+            opt.flag, dest=opt.dest, help=f"{opt.help} [env {opt.env}]",
+            action="append" if opt.repeat else "store",
+            type=opt.type, choices=opt.choices, default=None,
+        )
+
+
+def _load_config_file(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ConfigError("CONFIG_ERROR", f"--config {path}: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("CONFIG_ERROR", f"--config {path}: not a mapping")
+    known = {o.key for o in OPTIONS} | {o.dest for o in OPTIONS}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError("CONFIG_ERROR", f"--config {path}: unknown keys {unknown}")
+    return {k.replace("_", "-"): v for k, v in data.items()}
+
+
+def _convert(opt: Option, raw: Any, origin: str) -> Any:
+    try:
+        if opt.repeat:
+            items = raw.split(",") if isinstance(raw, str) else list(raw)
+            return tuple(str(opt.type(str(i).strip())) for i in items if str(i).strip())
+        value = opt.type(str(raw)) if not isinstance(raw, bool) else raw
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("CONFIG_ERROR", f"{origin}: {exc}") from exc
+    if opt.choices and value not in opt.choices:
+        raise ConfigError("CONFIG_ERROR", f"{origin}: {value!r} not one of {opt.choices}")
+    return value
+
+
+def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Option values by Settings target, after precedence; unset options are absent."""
+    environ = os.environ if environ is None else environ
+    config_path = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    file_values = _load_config_file(config_path) if config_path else {}
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        flag_value = getattr(args, opt.dest, None)
+        if flag_value is not None:
+            values[opt.target] = tuple(flag_value) if opt.repeat else flag_value
+        elif opt.env in environ:
+            values[opt.target] = _convert(opt, environ[opt.env], opt.env)
+        elif opt.key in file_values:
+            values[opt.target] = _convert(opt, file_values[opt.key], f"config {opt.key}")
+    return values
+
+
+def build_settings(values: Mapping[str, Any], base: Settings | None = None) -> Settings:
+    settings = base or Settings()
+    sections: dict[str, dict[str, Any]] = {"identity": {}, "tokens": {}, "tls": {}, "": {}}
+    for target, value in values.items():
+        section, _, name = target.rpartition(".")
+        sections[section][name] = value
+    identity: IdentitySettings = replace(settings.identity, **sections["identity"])
+    tokens: TokenSettings = replace(settings.tokens, **sections["tokens"])
+    tls: TLSSettings = replace(settings.tls, **sections["tls"])
+    top = sections[""]
+    if "workers" in top and top["workers"] < 1:
+        raise ConfigError("CONFIG_ERROR", "--workers must be at least 1")
+    return replace(settings, identity=identity, tokens=tokens, tls=tls, **top)
+
+
+def settings_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> Settings:
+    return build_settings(resolve(args, environ))
+
+
+def option_table() -> Sequence[Option]:
+    return OPTIONS

@@ -1,0 +1,216 @@
+"""`identityd serve`: a supervisor holding the listening sockets and N worker processes.
+
+The supervisor binds once (so a port clash is one clear error), forks the
+workers, which all accept on the inherited sockets, and restarts any worker that
+dies — the embedded Rego engine is native code and can take its process down —
+with backoff, while the others keep serving. With ``--workers 1`` the server
+runs in the supervisor's own process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import random
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_sentinels
+from multiprocessing.process import BaseProcess
+
+from aiohttp import web
+
+from identityd.app import build_edges, create_app, server_ssl_context
+from identityd.errors import IdentitydError
+from identityd.metrics import Metrics, enable_multiprocess
+from identityd.settings import Settings, host_port
+
+log = logging.getLogger("identityd.serve")
+
+# A worker that dies sooner than this after starting is crash-looping: back off.
+MIN_HEALTHY_SECONDS = 5.0
+MAX_RESTART_DELAY_SECONDS = 10.0
+STOP_GRACE_SECONDS = 10.0
+EXIT_CONFIG = 78  # EX_CONFIG: a worker could not start with this configuration
+
+
+def bind(address: str) -> socket.socket:
+    host, port = host_port(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve_sockets(
+    settings: Settings, sock: socket.socket, metrics_sock: socket.socket | None,
+    stop: asyncio.Event,
+) -> None:
+    """Run one server on already-bound sockets until ``stop`` is set."""
+    metrics = Metrics()
+    edges = await build_edges(settings, metrics)
+    runners: list[web.AppRunner] = []
+    try:
+        app = create_app(settings, edges, metrics=metrics)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        runners.append(runner)
+        await web.SockSite(runner, sock, ssl_context=server_ssl_context(settings)).start()
+        if metrics_sock is not None:
+            probes = create_app(settings, edges, metrics=metrics, callback=False)
+            probe_runner = web.AppRunner(probes, access_log=None, handle_signals=False)
+            await probe_runner.setup()
+            runners.append(probe_runner)
+            await web.SockSite(probe_runner, metrics_sock).start()
+        log.info("worker %d serving on %s", os.getpid(), settings.listen)
+        await stop.wait()
+    finally:
+        for r in reversed(runners):
+            await r.cleanup()
+        await edges.aclose()
+
+
+def _worker_main(settings: Settings, sock: socket.socket, metrics_sock: socket.socket | None) -> None:
+    configure_logging(settings.log_level)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_sockets(settings, sock, metrics_sock, stop)
+
+    try:
+        asyncio.run(main())
+    except IdentitydError as exc:
+        log.error("worker %d cannot start: %s", os.getpid(), exc)
+        sys.exit(EXIT_CONFIG)
+
+
+@dataclass
+class Slot:
+    index: int
+    process: BaseProcess | None = None
+    started: float = 0.0
+    delay: float = 0.0
+    restarts: int = 0
+    not_before: float = field(default=0.0)
+
+
+class Supervisor:
+    def __init__(
+        self, settings: Settings, sock: socket.socket, metrics_sock: socket.socket | None
+    ) -> None:
+        self._settings = settings
+        self._sock = sock
+        self._metrics_sock = metrics_sock
+        self._ctx = multiprocessing.get_context("fork")
+        self._slots = [Slot(i) for i in range(settings.workers)]
+        self._stopping = False
+
+    def _start(self, slot: Slot) -> None:
+        proc = self._ctx.Process(
+            target=_worker_main, args=(self._settings, self._sock, self._metrics_sock),
+            name=f"identityd-worker-{slot.index}", daemon=False,
+        )
+        proc.start()
+        slot.process, slot.started = proc, time.monotonic()
+        log.info("started worker %d (pid %s)", slot.index, proc.pid)
+
+    def _reap(self, slot: Slot) -> None:
+        proc = slot.process
+        if proc is None or proc.is_alive():
+            return
+        lived = time.monotonic() - slot.started
+        log.warning("worker %d (pid %s) exited with %s after %.1fs",
+                    slot.index, proc.pid, proc.exitcode, lived)
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and proc.pid is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(proc.pid)
+        slot.process = None
+        slot.restarts += 1
+        # Crash loop: back off exponentially with jitter; a healthy run resets it.
+        slot.delay = 0.0 if lived >= MIN_HEALTHY_SECONDS else min(
+            MAX_RESTART_DELAY_SECONDS, max(0.1, slot.delay * 2)
+        )
+        slot.not_before = time.monotonic() + slot.delay * random.uniform(0.8, 1.2)  # noqa: S311
+
+    def stop(self, *_: object) -> None:
+        self._stopping = True
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        for slot in self._slots:
+            self._start(slot)
+        while not self._stopping:
+            sentinels = [s.process.sentinel for s in self._slots if s.process is not None]
+            wait_sentinels(sentinels, timeout=0.2)
+            now = time.monotonic()
+            for slot in self._slots:
+                self._reap(slot)
+                if slot.process is None and now >= slot.not_before and not self._stopping:
+                    self._start(slot)
+        return self._shutdown()
+
+    def _shutdown(self) -> int:
+        procs = [s.process for s in self._slots if s.process is not None]
+        for proc in procs:
+            proc.terminate()
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        log.info("supervisor stopped")
+        return 0
+
+
+async def _preflight(settings: Settings) -> None:
+    """Build and close every edge once, so a bad configuration fails before any fork."""
+    edges = await build_edges(settings)
+    await edges.aclose()
+    server_ssl_context(settings)
+
+
+def serve(settings: Settings) -> int:
+    configure_logging(settings.log_level)
+    asyncio.run(_preflight(settings))
+    sock = bind(settings.listen)
+    metrics_sock = bind(settings.metrics_listen) if settings.metrics_listen else None
+    if settings.workers == 1:
+        _worker_main(settings, sock, metrics_sock)
+        return 0
+    enable_multiprocess(
+        os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="identityd-metrics-")
+    )
+    return Supervisor(settings, sock, metrics_sock).run()
+
+
+def configure_logging(level: str, stream_names: Sequence[str] = ("identityd.decision",)) -> None:
+    """Human logs to stderr; decision records as bare JSON lines to stdout."""
+    root = logging.getLogger()
+    if getattr(root, "_identityd_configured", False):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    for name in stream_names:
+        decision = logging.getLogger(name)
+        out = logging.StreamHandler(sys.stdout)
+        out.setFormatter(logging.Formatter("%(message)s"))
+        decision.addHandler(out)
+        decision.propagate = False
+    root._identityd_configured = True  # type: ignore[attr-defined]
