@@ -1,5 +1,15 @@
 """Pod inventory: slim records indexed by uid and namespace/name (static or watched)."""
 
 from identityd.inventory.base import PodInventory, PodRecord
+from identityd.inventory.static import StaticInventory, load_pod_file
+from identityd.inventory.store import DEFAULT_ANNOTATION_KEYS, PodStore, record_from_pod
 
-__all__ = ["PodInventory", "PodRecord"]
+__all__ = [
+    "DEFAULT_ANNOTATION_KEYS",
+    "PodInventory",
+    "PodRecord",
+    "PodStore",
+    "StaticInventory",
+    "load_pod_file",
+    "record_from_pod",
+]

@@ -116,7 +116,7 @@ def spki_sha256(key: object) -> str:
 
 def raw_csr(
     key: object,
-    names: list[x509.NameAttribute],
+    names: list[x509.NameAttribute[str]],
     sans: list[x509.GeneralName] | None = None,
     digest: hashes.HashAlgorithm | None = None,
 ) -> str:
@@ -127,7 +127,7 @@ def raw_csr(
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
-def cn(value: str) -> x509.NameAttribute:
+def cn(value: str) -> x509.NameAttribute[str]:
     return x509.NameAttribute(NameOID.COMMON_NAME, value)
 
 
@@ -312,7 +312,7 @@ def test_too_many_sans_of_one_kind(
 )
 def test_control_characters_are_refused(
     ec_key: ec.EllipticCurvePrivateKey,
-    names: list[x509.NameAttribute],
+    names: list[x509.NameAttribute[str]],
     sans: list[x509.GeneralName] | None,
 ) -> None:
     assert "control character" in bad_csr(raw_csr(ec_key, names, sans, hashes.SHA256())).detail
