@@ -212,5 +212,7 @@ def configure_logging(level: str, stream_names: Sequence[str] = ("identityd.deci
         out = logging.StreamHandler(sys.stdout)
         out.setFormatter(logging.Formatter("%(message)s"))
         decision.addHandler(out)
+        # Decision records are the audit trail: emitted whatever --log-level says.
+        decision.setLevel(logging.INFO)
         decision.propagate = False
     root._identityd_configured = True  # type: ignore[attr-defined]

@@ -1,0 +1,137 @@
+"""`identityd serve --workers 2` as a real process tree: a worker killed the way a
+native crash would (SIGSEGV) is restarted while the other keeps serving."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from identityd.devca.workload import DevCluster
+from tests.conftest import POLICIES, REPO
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def children(pid: int) -> set[int]:
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.add(int(entry.name))
+    return out
+
+
+def post(port: int, body: dict[str, object]) -> int:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/instance", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Connection": "close"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
+    for _ in range(200):
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("not ready")
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, DevCluster]]:
+    cluster = DevCluster()
+    cluster.add_pod("sports-web", "api-1", "api", "10.1.2.3")
+    pods, jwks = cluster.write(tmp_path)
+    port = free_port()
+    env = {**os.environ, "IDENTITYD_JWKS": str(jwks), "IDENTITYD_PODS": str(pods),
+           "IDENTITYD_POLICIES": str(POLICIES)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "identityd.cli.main", "serve", "--listen", f"127.0.0.1:{port}",
+         "--workers", "2", "--log-level", "WARNING"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_ready(port, proc)
+        yield proc, port, cluster
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_dead_worker_is_restarted_while_the_other_serves(
+    server: tuple[subprocess.Popen[bytes], int, DevCluster],
+) -> None:
+    proc, port, cluster = server
+    pod = cluster.pods[0]
+    workers = children(proc.pid)
+    assert len(workers) == 2
+    victim = sorted(workers)[0]
+    os.kill(victim, signal.SIGSEGV)
+    # The survivor answers every request (new connection each) while the victim is down.
+    statuses = [post(port, cluster.confirmation(pod)) for _ in range(20)]
+    assert statuses == [200] * 20
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        now = children(proc.pid)
+        if len(now) == 2 and victim not in now:
+            break
+        time.sleep(0.05)
+    now = children(proc.pid)
+    assert victim not in now and len(now) == 2
+    wait_ready(port, proc)
+    assert post(port, cluster.confirmation(pod)) == 200
+
+
+def test_metrics_aggregate_across_workers(
+    server: tuple[subprocess.Popen[bytes], int, DevCluster],
+) -> None:
+    _, port, cluster = server
+    for _ in range(10):
+        assert post(port, cluster.confirmation(cluster.pods[0])) == 200
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    line = next(ln for ln in text.splitlines()
+                if ln.startswith('identityd_decisions_total{kind="instance",result="allow"}'))
+    assert float(line.split()[-1]) == 10.0
+
+
+def test_sigterm_stops_supervisor_and_workers(
+    server: tuple[subprocess.Popen[bytes], int, DevCluster],
+) -> None:
+    proc, _, _ = server
+    workers = children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
