@@ -70,7 +70,7 @@ class Service:
     metrics: Metrics
 
     async def post(self, kind: str, body: Any, **kwargs: Any) -> tuple[int, dict[str, Any]]:
-        if isinstance(body, bytes | str):
+        if not isinstance(body, dict | list):
             kwargs.setdefault("headers", {"Content-Type": "application/json"})
             async with self.http.post(f"{self.url}/{kind}", data=body, **kwargs) as resp:
                 return resp.status, await resp.json()

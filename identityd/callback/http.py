@@ -43,6 +43,7 @@ INVENTORY_KEY = web.AppKey("inventory", PodInventory)
 ENGINE_KEY = web.AppKey("engine", PolicyEngine)
 MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
 ALLOWED_CLIENTS_KEY = web.AppKey("allowed_clients", frozenset)
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
 
 
 def error_body(status: int, message: str) -> web.Response:
@@ -73,7 +74,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:  # noqa: BLE001 - the edge: a bug is a 503 deny, never a 500 or an allow
         log.exception("unexpected error on %s %s", request.method, request.path)
         response = error_body(503, "INTERNAL_ERROR")
-    request_id = request.get("request_id")
+    request_id = request.get(REQUEST_ID_KEY)
     if request_id:
         response.headers["X-Request-Id"] = request_id
     return response
@@ -82,7 +83,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 def _request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-Id", "")
     rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-    request["request_id"] = rid
+    request[REQUEST_ID_KEY] = rid
     return rid
 
 

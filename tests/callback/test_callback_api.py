@@ -186,7 +186,8 @@ def test_the_case_table_is_fully_parametrized(cluster: DevCluster, pods: Pods) -
 async def test_oversized_body_is_413(service: Service, cluster: DevCluster, pods: Pods) -> None:
     big = json.dumps({"x": "a" * (service.settings.max_body_bytes + 10)})
     status, answer = await service.post("instance", big)
-    assert (status, answer["message"]) == (413, "BODY_TOO_LARGE")
+    assert status == 413
+    assert answer["message"].startswith("BODY_TOO_LARGE")
     await assert_still_serving(service, cluster, pods)
 
 

@@ -88,6 +88,9 @@ def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, DevCl
         finally:
             if proc.poll() is None:
                 proc.kill()
+                proc.wait()
+            if proc.stderr:
+                proc.stderr.close()
 
 
 def test_dead_worker_is_restarted_while_the_other_serves(
