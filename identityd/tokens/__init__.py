@@ -1,5 +1,24 @@
 """Attestation token verification: JWKS (file, URL, discovery) and TokenReview."""
 
 from identityd.tokens.base import TokenClaims, TokenVerifier
+from identityd.tokens.claims import validate_claims
+from identityd.tokens.jwks import (
+    DiscoveryKeySource,
+    FileKeySource,
+    JWKSVerifier,
+    KeySource,
+    URLKeySource,
+    key_source_from_settings,
+)
 
-__all__ = ["TokenClaims", "TokenVerifier"]
+__all__ = [
+    "DiscoveryKeySource",
+    "FileKeySource",
+    "JWKSVerifier",
+    "KeySource",
+    "TokenClaims",
+    "TokenVerifier",
+    "URLKeySource",
+    "key_source_from_settings",
+    "validate_claims",
+]
