@@ -58,8 +58,10 @@ def _make(args: tuple[int, bool, str]) -> bytes:
     assert _CLUSTER is not None
     pod = _CLUSTER.pods[index % len(_CLUSTER.pods)]
     body = json.dumps(_CLUSTER.confirmation(pod, csr=with_csr)).encode()
-    head = (f"POST /{kind} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST /{kind} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
     return head + body
 
 
@@ -96,8 +98,9 @@ async def connect(port: int, n: int) -> list[Conn]:
     return conns
 
 
-async def run_max(port: int, requests: list[bytes], concurrency: int,
-                  duration: float) -> dict[str, Any]:
+async def run_max(
+    port: int, requests: list[bytes], concurrency: int, duration: float
+) -> dict[str, Any]:
     conns = await connect(port, concurrency)
     latencies: list[float] = []
     statuses: dict[int, int] = {}
@@ -122,8 +125,9 @@ async def run_max(port: int, requests: list[bytes], concurrency: int,
     return summarize(latencies, statuses, elapsed)
 
 
-async def run_rate(port: int, requests: list[bytes], rate: float, duration: float,
-                   pool: int) -> dict[str, Any]:
+async def run_rate(
+    port: int, requests: list[bytes], rate: float, duration: float, pool: int
+) -> dict[str, Any]:
     conns = await connect(port, pool)
     idle: asyncio.Queue[Conn] = asyncio.Queue()
     for c in conns:
@@ -161,10 +165,13 @@ def summarize(latencies: list[float], statuses: dict[int, int], elapsed: float) 
         return ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000 if ordered else 0.0
 
     return {
-        "requests": len(latencies), "seconds": round(elapsed, 3),
+        "requests": len(latencies),
+        "seconds": round(elapsed, 3),
         "throughput_per_s": round(len(latencies) / elapsed, 1) if elapsed else 0.0,
-        "p50_ms": round(pct(0.50), 3), "p90_ms": round(pct(0.90), 3),
-        "p99_ms": round(pct(0.99), 3), "max_ms": round(ordered[-1] * 1000, 3) if ordered else 0,
+        "p50_ms": round(pct(0.50), 3),
+        "p90_ms": round(pct(0.90), 3),
+        "p99_ms": round(pct(0.99), 3),
+        "max_ms": round(ordered[-1] * 1000, 3) if ordered else 0,
         "mean_ms": round(statistics.fmean(ordered) * 1000, 3) if ordered else 0,
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
     }
@@ -172,12 +179,14 @@ def summarize(latencies: list[float], statuses: dict[int, int], elapsed: float) 
 
 # -- server-side breakdown -------------------------------------------------------------------
 
+
 def scrape(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     sums: dict[str, float] = {}
     for line in text.splitlines():
-        m = re.match(r'identityd_(stage|decision)_seconds_(sum|count)\{(?:stage|kind)="(\w+)"\} (\S+)',
-                     line)
+        m = re.match(
+            r'identityd_(stage|decision)_seconds_(sum|count)\{(?:stage|kind)="(\w+)"\} (\S+)', line
+        )
         if m:
             key = f"{m.group(1)}:{m.group(3)}:{m.group(2)}"
             sums[key] = sums.get(key, 0.0) + float(m.group(4))
@@ -204,14 +213,38 @@ def breakdown(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
 
 # -- main ------------------------------------------------------------------------------------
 
-def start_server(tmp: Path, cluster: DevCluster, workers: int) -> tuple[subprocess.Popen[bytes], int]:
+
+def start_server(
+    tmp: Path, cluster: DevCluster, workers: int
+) -> tuple[subprocess.Popen[bytes], int]:
     pods, jwks = cluster.write(tmp)
     port = free_port()
-    cmd = [sys.executable, "-m", "identityd.cli.main", "serve", "--listen", f"127.0.0.1:{port}",
-           "--workers", str(workers), "--pods", str(pods), "--jwks", str(jwks),
-           "--policies", str(REPO / "policies"), "--provider", cluster.provider,
-           "--issuer", cluster.issuer.issuer, "--audience", cluster.audience,
-           "--dns-suffix", cluster.dns_suffix, "--log-level", "WARNING"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "identityd.cli.main",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--workers",
+        str(workers),
+        "--pods",
+        str(pods),
+        "--jwks",
+        str(jwks),
+        "--policies",
+        str(REPO / "policies"),
+        "--provider",
+        cluster.provider,
+        "--issuer",
+        cluster.issuer.issuer,
+        "--audience",
+        cluster.audience,
+        "--dns-suffix",
+        cluster.dns_suffix,
+        "--log-level",
+        "WARNING",
+    ]
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(dir=tmp)}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env, cwd=REPO)
     for _ in range(300):
@@ -240,13 +273,19 @@ def main(argv: list[str] | None = None) -> int:
 
     cluster = DevCluster()
     for i in range(args.pods):
-        cluster.add_pod(f"ns-{i % 50}", f"app-{i}", f"sa-{i % 7}",
-                        f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}")
+        cluster.add_pod(
+            f"ns-{i % 50}",
+            f"app-{i}",
+            f"sa-{i % 7}",
+            f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}",
+        )
     count = args.requests or int((args.rate if args.mode == "rate" else 4000) * args.duration)
     t0 = time.perf_counter()
     requests = generate(cluster, count, args.csr, os.cpu_count() or 1)
-    print(f"generated {len(requests)} signed requests in {time.perf_counter() - t0:.1f}s",
-          file=sys.stderr)
+    print(
+        f"generated {len(requests)} signed requests in {time.perf_counter() - t0:.1f}s",
+        file=sys.stderr,
+    )
     with tempfile.TemporaryDirectory(prefix="identityd-bench-") as tmp:
         proc, port = start_server(Path(tmp), cluster, args.workers)
         try:
@@ -260,9 +299,16 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
-    result.update({"mode": args.mode, "workers": args.workers, "pods": args.pods,
-                   "csr": args.csr, "cores": os.cpu_count(),
-                   "server_breakdown_ms": breakdown(before, after)})
+    result.update(
+        {
+            "mode": args.mode,
+            "workers": args.workers,
+            "pods": args.pods,
+            "csr": args.csr,
+            "cores": os.cpu_count(),
+            "server_breakdown_ms": breakdown(before, after),
+        }
+    )
     if args.mode == "rate":
         result["target_rate"] = args.rate
     text = json.dumps(result, indent=2)

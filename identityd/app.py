@@ -103,7 +103,9 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     tls = settings.tls
     if not tls.enabled:
         if tls.client_ca or tls.allowed_clients:
-            raise ConfigError("CONFIG_ERROR", "--client-ca/--allowed-client need --tls-cert/--tls-key")
+            raise ConfigError(
+                "CONFIG_ERROR", "--client-ca/--allowed-client need --tls-cert/--tls-key"
+            )
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2

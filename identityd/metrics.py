@@ -37,7 +37,7 @@ def enable_multiprocess(directory: str) -> None:
     before the supervisor knew it would fork, so pick again.
     """
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-    prom_values.ValueClass = prom_values.get_value_class()
+    prom_values.ValueClass = prom_values.get_value_class()  # type: ignore[no-untyped-call]
 
 
 class Metrics:
@@ -47,31 +47,45 @@ class Metrics:
         self.decisions = Counter(
             "identityd_decisions_total",
             "Callback answers by kind and result (allow, deny, bad_request, unavailable).",
-            ["kind", "result"], registry=r,
+            ["kind", "result"],
+            registry=r,
         )
         self.reasons = Counter(
             "identityd_decision_reasons_total",
-            "Reason codes of denied or failed callbacks.", ["code"], registry=r,
+            "Reason codes of denied or failed callbacks.",
+            ["code"],
+            registry=r,
         )
         self.latency = Histogram(
-            "identityd_decision_seconds", "Time to answer a callback.", ["kind"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "identityd_decision_seconds",
+            "Time to answer a callback.",
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.stage = Histogram(
             "identityd_stage_seconds",
-            "Time per pipeline stage (token, csr, inventory, policy).", ["stage"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "Time per pipeline stage (token, csr, inventory, policy).",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.policy_undefined = Counter(
             "identityd_policy_undefined_total",
-            "Decisions the policy left undefined (always denied).", registry=r,
+            "Decisions the policy left undefined (always denied).",
+            registry=r,
         )
         self.inventory_pods = Gauge(
-            "identityd_inventory_pods", "Pods in the inventory.",
-            multiprocess_mode="livemax", registry=r,
+            "identityd_inventory_pods",
+            "Pods in the inventory.",
+            multiprocess_mode="livemax",
+            registry=r,
         )
         self.policy_loads = Counter(
-            "identityd_policy_loads_total", "Policy set loads by result.", ["result"], registry=r,
+            "identityd_policy_loads_total",
+            "Policy set loads by result.",
+            ["result"],
+            registry=r,
         )
 
 
@@ -79,6 +93,6 @@ def render(metrics: Metrics) -> bytes:
     """The exposition text: every worker's values under multiprocess mode."""
     if multiprocess_enabled():
         registry = CollectorRegistry()
-        prom_multiprocess.MultiProcessCollector(registry)
+        prom_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
     return generate_latest(metrics.registry)

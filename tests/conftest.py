@@ -52,11 +52,17 @@ def pods(cluster: DevCluster) -> Pods:
 def make_settings(cluster: DevCluster, tmp_path: Path, **overrides: Any) -> Settings:
     pods_file, jwks_file = cluster.write(tmp_path)
     settings = Settings(
-        identity=IdentitySettings(provider=cluster.provider, dns_suffixes=(cluster.dns_suffix,),
-                                  trust_domain=cluster.trust_domain),
-        tokens=TokenSettings(issuer=cluster.issuer.issuer, audiences=(cluster.audience,),
-                             jwks=str(jwks_file)),
-        pods=str(pods_file), policies=str(POLICIES), workers=1,
+        identity=IdentitySettings(
+            provider=cluster.provider,
+            dns_suffixes=(cluster.dns_suffix,),
+            trust_domain=cluster.trust_domain,
+        ),
+        tokens=TokenSettings(
+            issuer=cluster.issuer.issuer, audiences=(cluster.audience,), jwks=str(jwks_file)
+        ),
+        pods=str(pods_file),
+        policies=str(POLICIES),
+        workers=1,
     )
     return replace(settings, **overrides)
 
@@ -82,7 +88,9 @@ class Service:
             return resp.status, await resp.text()
 
 
-async def start_service(settings: Settings, edges: Edges | None = None) -> tuple[TestServer, Service]:
+async def start_service(
+    settings: Settings, edges: Edges | None = None
+) -> tuple[TestServer, Service]:
     metrics = Metrics()
     edges = edges or await build_edges(settings, metrics)
     app = create_app(settings, edges, metrics=metrics, decision_log=DecisionLog())

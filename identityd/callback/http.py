@@ -71,7 +71,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         response = error_body(exc.status, exc.reason)
-    except Exception:  # noqa: BLE001 - the edge: a bug is a 503 deny, never a 500 or an allow
+    except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
         response = error_body(503, "INTERNAL_ERROR")
     request_id = request.get(REQUEST_ID_KEY)
@@ -162,8 +162,10 @@ def callback_handler(kind: str) -> Handler:
         metrics, decision_log = app[METRICS_KEY], app[LOG_KEY]
         address, cn = _peer(request)
         record = DecisionRecord(
-            request_id=_request_id(request), kind=kind,
-            client=f"{address} cn={cn}" if cn else address, started=time.perf_counter(),
+            request_id=_request_id(request),
+            kind=kind,
+            client=f"{address} cn={cn}" if cn else address,
+            started=time.perf_counter(),
         )
         try:
             check_client(request)

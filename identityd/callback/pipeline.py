@@ -73,9 +73,7 @@ class Pipeline:
         pod, found_by = await self._find_pod(claims)
         lap("inventory")
 
-        input_doc = build_input(
-            req, claims, pod, csr, self._identity, now=now, found_by=found_by
-        )
+        input_doc = build_input(req, claims, pod, csr, self._identity, now=now, found_by=found_by)
         decision = await self._engine.evaluate(input_doc)
         lap("policy")
         if not decision.allow:

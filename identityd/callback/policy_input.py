@@ -59,9 +59,7 @@ def request_section(req: CallbackRequest) -> dict[str, Any]:
 
 
 def token_section(claims: TokenClaims) -> dict[str, Any]:
-    node = (
-        {"name": claims.node_name, "uid": claims.node_uid or ""} if claims.node_name else None
-    )
+    node = {"name": claims.node_name, "uid": claims.node_uid or ""} if claims.node_name else None
     return {
         "issuer": claims.issuer,
         "audience": list(claims.audience),

@@ -25,20 +25,25 @@ def _read(path: str) -> bytes:
         raise ConfigError("CONFIG_ERROR", f"--request {path}: {exc.strerror}") from exc
 
 
-async def _decide(settings: Settings, body: bytes, kind: str, at: float | None) -> dict[str, object]:
+async def _decide(
+    settings: Settings, body: bytes, kind: str, at: float | None
+) -> dict[str, object]:
     edges = await build_edges(settings)
     try:
         pipeline = Pipeline(
-            identity=settings.identity, verifier=edges.verifier, inventory=edges.inventory,
-            engine=edges.engine, clock=(lambda: at) if at is not None else time.time,
+            identity=settings.identity,
+            verifier=edges.verifier,
+            inventory=edges.inventory,
+            engine=edges.engine,
+            clock=(lambda: at) if at is not None else time.time,
         )
-        record = DecisionRecord(request_id="decide", kind=kind, client="cli",
-                                started=time.perf_counter())
+        record = DecisionRecord(
+            request_id="decide", kind=kind, client="cli", started=time.perf_counter()
+        )
         try:
             outcome = await pipeline.run(kind, body, record)
         except IdentitydError as exc:
-            return {"allow": False, "reasons": exc.reasons, "attributes": {},
-                    "status": exc.status}
+            return {"allow": False, "reasons": exc.reasons, "attributes": {}, "status": exc.status}
         doc = outcome.decision.as_document()
         doc["status"] = 200
         return doc

@@ -51,28 +51,48 @@ def scenarios(cluster: DevCluster, api: DevPod, other: DevPod, gone: DevPod) -> 
     ident = cluster.identity(api)
     foreign_dns = f"billing.payments.{cluster.dns_suffix}"
     forged: list[tuple[str, Callable[[], dict[str, Any]], int, str]] = [
-        ("another pod's uid as instanceId",
-         lambda: cluster.confirmation(api, attributes={"instanceId": other.uid}), 403,
-         "INSTANCE_ID_MISMATCH"),
-        ("a SAN DNS name of another service",
-         lambda: cluster.confirmation(api, san_dns=[ident.service_dns, foreign_dns]), 403,
-         "SAN_DNS_NOT_ALLOWED"),
-        ("the IP of another pod",
-         lambda: cluster.confirmation(api, san_ip=[other.ip]), 403, "SAN_IP_NOT_ALLOWED"),
-        ("an expired token",
-         lambda: cluster.confirmation(api, token=cluster.token(api, now=now - 7200)), 403,
-         "TOKEN_EXPIRED"),
-        ("a token with alg none",
-         lambda: cluster.confirmation(api, token=_alg_none(cluster.token(api))), 403,
-         "TOKEN_ALG_NOT_ALLOWED"),
-        ("the token of a deleted pod",
-         lambda: cluster.confirmation(gone), 403, "POD_NOT_FOUND"),
-        ("a domain that is not the pod's namespace",
-         lambda: cluster.confirmation(api, domain="payments"), 403, "DOMAIN_MISMATCH"),
+        (
+            "another pod's uid as instanceId",
+            lambda: cluster.confirmation(api, attributes={"instanceId": other.uid}),
+            403,
+            "INSTANCE_ID_MISMATCH",
+        ),
+        (
+            "a SAN DNS name of another service",
+            lambda: cluster.confirmation(api, san_dns=[ident.service_dns, foreign_dns]),
+            403,
+            "SAN_DNS_NOT_ALLOWED",
+        ),
+        (
+            "the IP of another pod",
+            lambda: cluster.confirmation(api, san_ip=[other.ip]),
+            403,
+            "SAN_IP_NOT_ALLOWED",
+        ),
+        (
+            "an expired token",
+            lambda: cluster.confirmation(api, token=cluster.token(api, now=now - 7200)),
+            403,
+            "TOKEN_EXPIRED",
+        ),
+        (
+            "a token with alg none",
+            lambda: cluster.confirmation(api, token=_alg_none(cluster.token(api))),
+            403,
+            "TOKEN_ALG_NOT_ALLOWED",
+        ),
+        ("the token of a deleted pod", lambda: cluster.confirmation(gone), 403, "POD_NOT_FOUND"),
+        (
+            "a domain that is not the pod's namespace",
+            lambda: cluster.confirmation(api, domain="payments"),
+            403,
+            "DOMAIN_MISMATCH",
+        ),
     ]
     out = [
-        Scenario("legitimate pod, first certificate", "instance", cluster.confirmation(api),
-                 200, None),
+        Scenario(
+            "legitimate pod, first certificate", "instance", cluster.confirmation(api), 200, None
+        ),
         Scenario("legitimate pod, refresh", "refresh", cluster.confirmation(api), 200, None),
     ]
     out += [Scenario(t, "instance", build(), status, code) for t, build, status, code in forged]
@@ -93,12 +113,18 @@ async def _run(policies: Path) -> int:
         sock.setblocking(False)
         port = sock.getsockname()[1]
         settings = Settings(
-            identity=IdentitySettings(provider=cluster.provider,
-                                      dns_suffixes=(cluster.dns_suffix,),
-                                      trust_domain=cluster.trust_domain),
-            tokens=TokenSettings(issuer=cluster.issuer.issuer, audiences=(cluster.audience,),
-                                 jwks=str(jwks_file)),
-            listen=f"127.0.0.1:{port}", pods=str(pods_file), policies=str(policies), workers=1,
+            identity=IdentitySettings(
+                provider=cluster.provider,
+                dns_suffixes=(cluster.dns_suffix,),
+                trust_domain=cluster.trust_domain,
+            ),
+            tokens=TokenSettings(
+                issuer=cluster.issuer.issuer, audiences=(cluster.audience,), jwks=str(jwks_file)
+            ),
+            listen=f"127.0.0.1:{port}",
+            pods=str(pods_file),
+            policies=str(policies),
+            workers=1,
         )
         stop = asyncio.Event()
         server = asyncio.create_task(serve_sockets(settings, sock, None, stop))
@@ -116,8 +142,11 @@ async def _run(policies: Path) -> int:
                     )
                     failures += not ok
                     verdict = "ALLOW" if resp.status == 200 else "DENY "
-                    detail = (f"certExpiryTime={answer['attributes'].get('certExpiryTime')}m"
-                              if resp.status == 200 else answer.get("message"))
+                    detail = (
+                        f"certExpiryTime={answer['attributes'].get('certExpiryTime')}m"
+                        if resp.status == 200
+                        else answer.get("message")
+                    )
                     mark = "ok " if ok else "UNEXPECTED"
                     print(f"[{mark}] {verdict} {resp.status}  {sc.title:<42} {detail}")
         finally:

@@ -22,10 +22,13 @@ def _parser() -> argparse.ArgumentParser:
     add_options(serve)
 
     decide = sub.add_parser("decide", help="offline dry run of one callback: print the decision")
-    decide.add_argument("--request", required=True, help="InstanceConfirmation JSON file (- = stdin)")
+    decide.add_argument(
+        "--request", required=True, help="InstanceConfirmation JSON file (- = stdin)"
+    )
     decide.add_argument("--kind", choices=("instance", "refresh"), default="instance")
-    decide.add_argument("--at", type=float, default=None,
-                        help="evaluate as of this Unix time (default: now)")
+    decide.add_argument(
+        "--at", type=float, default=None, help="evaluate as of this Unix time (default: now)"
+    )
     add_options(decide)
 
     policy = sub.add_parser("policy", help="policy tools")

@@ -56,36 +56,55 @@ def _bool(text: str) -> bool:
 
 OPTIONS: tuple[Option, ...] = (
     Option("--listen", "listen", "HOST:PORT the callback server listens on"),
-    Option("--metrics-listen", "metrics_listen",
-           "HOST:PORT for plain-HTTP /healthz, /readyz and /metrics (optional; for probes)"),
+    Option(
+        "--metrics-listen",
+        "metrics_listen",
+        "HOST:PORT for plain-HTTP /healthz, /readyz and /metrics (optional; for probes)",
+    ),
     Option("--workers", "workers", "server worker processes (default: number of cores)", int),
     Option("--provider", "identity.provider", "provider service name requests must carry"),
     Option("--dns-suffix", "identity.dns_suffixes", "DNS suffix for SAN DNS names", repeat=True),
     Option("--trust-domain", "identity.trust_domain", "SPIFFE trust domain"),
-    Option("--cert-expiry-minutes", "identity.cert_expiry_minutes",
-           "certificate lifetime granted, in minutes", int),
-    Option("--cert-usage", "identity.cert_usage", "certUsage granted", choices=("client", "server")),
+    Option(
+        "--cert-expiry-minutes",
+        "identity.cert_expiry_minutes",
+        "certificate lifetime granted, in minutes",
+        int,
+    ),
+    Option(
+        "--cert-usage", "identity.cert_usage", "certUsage granted", choices=("client", "server")
+    ),
     Option("--allow-refresh", "identity.allow_refresh", "allow /refresh (true/false)", _bool),
     Option("--min-rsa-bits", "identity.min_rsa_bits", "smallest RSA key accepted in a CSR", int),
     Option("--issuer", "tokens.issuer", "expected token issuer (iss)"),
     Option("--audience", "tokens.audiences", "accepted token audience (aud)", repeat=True),
     Option("--jwks", "tokens.jwks", "JWKS file or https URL with the token signing keys"),
-    Option("--max-token-age", "tokens.max_age_seconds",
-           "refuse tokens issued longer ago than this many seconds (0 = no limit)", int),
+    Option(
+        "--max-token-age",
+        "tokens.max_age_seconds",
+        "refuse tokens issued longer ago than this many seconds (0 = no limit)",
+        int,
+    ),
     Option("--token-leeway", "tokens.leeway_seconds", "clock skew tolerated, seconds", int),
     Option("--pods", "pods", "static inventory: JSON/YAML list of Pods or a v1/PodList"),
     Option("--policies", "policies", "directory of Rego policies"),
     Option("--engine", "engine", "policy engine", choices=("embedded",)),
-    Option("--decision-timeout", "decision_timeout_seconds", "policy decision timeout, seconds",
-           float),
+    Option(
+        "--decision-timeout", "decision_timeout_seconds", "policy decision timeout, seconds", float
+    ),
     Option("--max-body-bytes", "max_body_bytes", "largest callback body accepted", int),
     Option("--tls-cert", "tls.cert", "server certificate chain (PEM)"),
     Option("--tls-key", "tls.key", "server private key (PEM)"),
     Option("--client-ca", "tls.client_ca", "CA bundle for client certificates (requires one)"),
-    Option("--allowed-client", "tls.allowed_clients",
-           "CN or SAN a client certificate must carry (any of them)", repeat=True),
-    Option("--log-level", "log_level", "logging level",
-           choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    Option(
+        "--allowed-client",
+        "tls.allowed_clients",
+        "CN or SAN a client certificate must carry (any of them)",
+        repeat=True,
+    ),
+    Option(
+        "--log-level", "log_level", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    ),
 )
 
 
@@ -93,9 +112,13 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML or JSON file with any of the options below")
     for opt in OPTIONS:
         parser.add_argument(
-            opt.flag, dest=opt.dest, help=f"{opt.help} [env {opt.env}]",
+            opt.flag,
+            dest=opt.dest,
+            help=f"{opt.help} [env {opt.env}]",
             action="append" if opt.repeat else "store",
-            type=opt.type, choices=opt.choices, default=None,
+            type=opt.type,
+            choices=opt.choices,
+            default=None,
         )
 
 

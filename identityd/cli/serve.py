@@ -52,7 +52,9 @@ def bind(address: str) -> socket.socket:
 
 
 async def serve_sockets(
-    settings: Settings, sock: socket.socket, metrics_sock: socket.socket | None,
+    settings: Settings,
+    sock: socket.socket,
+    metrics_sock: socket.socket | None,
     stop: asyncio.Event,
 ) -> None:
     """Run one server on already-bound sockets until ``stop`` is set."""
@@ -79,7 +81,9 @@ async def serve_sockets(
         await edges.aclose()
 
 
-def _worker_main(settings: Settings, sock: socket.socket, metrics_sock: socket.socket | None) -> None:
+def _worker_main(
+    settings: Settings, sock: socket.socket, metrics_sock: socket.socket | None
+) -> None:
     configure_logging(settings.log_level)
 
     async def main() -> None:
@@ -119,8 +123,10 @@ class Supervisor:
 
     def _start(self, slot: Slot) -> None:
         proc = self._ctx.Process(
-            target=_worker_main, args=(self._settings, self._sock, self._metrics_sock),
-            name=f"identityd-worker-{slot.index}", daemon=False,
+            target=_worker_main,
+            args=(self._settings, self._sock, self._metrics_sock),
+            name=f"identityd-worker-{slot.index}",
+            daemon=False,
         )
         proc.start()
         slot.process, slot.started = proc, time.monotonic()
@@ -131,17 +137,24 @@ class Supervisor:
         if proc is None or proc.is_alive():
             return
         lived = time.monotonic() - slot.started
-        log.warning("worker %d (pid %s) exited with %s after %.1fs",
-                    slot.index, proc.pid, proc.exitcode, lived)
+        log.warning(
+            "worker %d (pid %s) exited with %s after %.1fs",
+            slot.index,
+            proc.pid,
+            proc.exitcode,
+            lived,
+        )
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and proc.pid is not None:
             from prometheus_client import multiprocess
 
-            multiprocess.mark_process_dead(proc.pid)
+            multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
         slot.process = None
         slot.restarts += 1
         # Crash loop: back off exponentially with jitter; a healthy run resets it.
-        slot.delay = 0.0 if lived >= MIN_HEALTHY_SECONDS else min(
-            MAX_RESTART_DELAY_SECONDS, max(0.1, slot.delay * 2)
+        slot.delay = (
+            0.0
+            if lived >= MIN_HEALTHY_SECONDS
+            else min(MAX_RESTART_DELAY_SECONDS, max(0.1, slot.delay * 2))
         )
         slot.not_before = time.monotonic() + slot.delay * random.uniform(0.8, 1.2)  # noqa: S311
 

@@ -34,16 +34,25 @@ class DevPod:
     def manifest(self) -> dict[str, Any]:
         """The Pod as the API server would serve it (the parts identityd reads)."""
         metadata: dict[str, Any] = {
-            "name": self.name, "namespace": self.namespace, "uid": self.uid,
-            "labels": {"app": self.service_account}, "resourceVersion": "1",
+            "name": self.name,
+            "namespace": self.namespace,
+            "uid": self.uid,
+            "labels": {"app": self.service_account},
+            "resourceVersion": "1",
         }
         if self.terminating:
             metadata["deletionTimestamp"] = "2026-01-01T00:00:00Z"
         return {
-            "apiVersion": "v1", "kind": "Pod", "metadata": metadata,
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": metadata,
             "spec": {"serviceAccountName": self.service_account, "nodeName": self.node},
-            "status": {"phase": self.phase, "podIP": self.ip, "podIPs": [{"ip": self.ip}],
-                       "startTime": "2026-01-01T00:00:00Z"},
+            "status": {
+                "phase": self.phase,
+                "podIP": self.ip,
+                "podIPs": [{"ip": self.ip}],
+                "startTime": "2026-01-01T00:00:00Z",
+            },
         }
 
 
@@ -68,8 +77,9 @@ class DevCluster:
         self.pods: list[DevPod] = []
         self._node_uids: dict[str, str] = {}
 
-    def add_pod(self, namespace: str, name: str, service_account: str, ip: str,
-                **kwargs: Any) -> DevPod:
+    def add_pod(
+        self, namespace: str, name: str, service_account: str, ip: str, **kwargs: Any
+    ) -> DevPod:
         pod = DevPod(namespace, name, service_account, ip, **kwargs)
         self.pods.append(pod)
         return pod
@@ -78,16 +88,22 @@ class DevCluster:
         """Write ``pods.json`` (a v1/PodList) and ``jwks.json``; return their paths."""
         root = Path(directory)
         pods, jwks = root / "pods.json", root / "jwks.json"
-        pods.write_text(json.dumps(
-            {"apiVersion": "v1", "kind": "PodList", "items": [p.manifest() for p in self.pods]}
-        ))
+        pods.write_text(
+            json.dumps(
+                {"apiVersion": "v1", "kind": "PodList", "items": [p.manifest() for p in self.pods]}
+            )
+        )
         self.issuer.write_jwks(jwks)
         return pods, jwks
 
     def identity(self, pod: DevPod) -> WorkloadIdentity:
         return WorkloadIdentity(
-            namespace=pod.namespace, service_account=pod.service_account, pod_uid=pod.uid,
-            provider=self.provider, dns_suffix=self.dns_suffix, trust_domain=self.trust_domain,
+            namespace=pod.namespace,
+            service_account=pod.service_account,
+            pod_uid=pod.uid,
+            provider=self.provider,
+            dns_suffix=self.dns_suffix,
+            trust_domain=self.trust_domain,
         )
 
     def token(self, pod: DevPod, **kwargs: Any) -> str:
@@ -116,16 +132,23 @@ class DevCluster:
         ips = [pod.ip] if san_ip is None else san_ip
         uris = ident.san_uris() if san_uri is None else san_uri
         attrs = {
-            "instanceId": pod.uid, "clientIP": pod.ip,
-            "sanDNS": ",".join(dns), "sanIP": ",".join(ips), "sanURI": ",".join(uris),
-            "hostname": pod.name, "certHostname": ident.service_dns,
+            "instanceId": pod.uid,
+            "clientIP": pod.ip,
+            "sanDNS": ",".join(dns),
+            "sanIP": ",".join(ips),
+            "sanURI": ",".join(uris),
+            "hostname": pod.name,
+            "certHostname": ident.service_dns,
         }
         if csr:
-            attrs["csr"] = build_csr(key or generate_key("EC"), cn=ident.common_name,
-                                     dns=dns, ips=ips, uris=uris)
+            attrs["csr"] = build_csr(
+                key or generate_key("EC"), cn=ident.common_name, dns=dns, ips=ips, uris=uris
+            )
         attrs.update(attributes or {})
         body = {
-            "provider": self.provider, "domain": ident.domain, "service": ident.service,
+            "provider": self.provider,
+            "domain": ident.domain,
+            "service": ident.service,
             "attestationData": token if token is not None else self.token(pod),
             "attributes": attrs,
         }

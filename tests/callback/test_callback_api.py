@@ -54,7 +54,9 @@ async def test_legitimate_pod_is_allowed_and_confirmation_echoed(
     status, answer = await service.post("instance", body)
     assert status == 200, answer
     assert answer["provider"] == body["provider"] and answer["domain"] == "sports.web"
-    assert answer["attributes"]["certExpiryTime"] == str(service.settings.identity.cert_expiry_minutes)
+    assert answer["attributes"]["certExpiryTime"] == str(
+        service.settings.identity.cert_expiry_minutes
+    )
     assert answer["attributes"]["certRefresh"] == "true"
     assert answer["attributes"]["certUsage"] == "client"
     assert answer["attributes"]["instanceId"] == pods.api.uid
@@ -78,16 +80,25 @@ async def test_request_without_csr_is_decided_on_attributes(
 
 def _hs256_with_public_key(cluster: DevCluster, pods: Pods) -> str:
     public_pem = cluster.issuer.private_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     claims = claims_of(cluster.token(pods.api))
-    return forge({"alg": "HS256", "typ": "JWT", "kid": cluster.issuer.kid}, claims,
-                 lambda data: hmac.new(public_pem, data, hashlib.sha256).digest())
+    return forge(
+        {"alg": "HS256", "typ": "JWT", "kid": cluster.issuer.kid},
+        claims,
+        lambda data: hmac.new(public_pem, data, hashlib.sha256).digest(),
+    )
 
 
 def _bad_csr_signature(cluster: DevCluster, pods: Pods) -> str:
     ident = cluster.identity(pods.api)
-    pem = build_csr(generate_key("EC"), cn=ident.common_name, dns=ident.san_dns(),
-                    ips=[pods.api.ip], uris=ident.san_uris())
+    pem = build_csr(
+        generate_key("EC"),
+        cn=ident.common_name,
+        dns=ident.san_dns(),
+        ips=[pods.api.ip],
+        uris=ident.san_uris(),
+    )
     lines = pem.strip().splitlines()
     der = bytearray(base64.b64decode("".join(lines[1:-1])))
     der[-5] ^= 0xFF  # inside the signature BIT STRING
@@ -98,8 +109,9 @@ def _bad_csr_signature(cluster: DevCluster, pods: Pods) -> str:
 def _weak_rsa_csr(cluster: DevCluster, pods: Pods) -> str:
     ident = cluster.identity(pods.api)
     key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
-    return build_csr(key, cn=ident.common_name, dns=ident.san_dns(), ips=[pods.api.ip],
-                     uris=ident.san_uris())
+    return build_csr(
+        key, cn=ident.common_name, dns=ident.san_dns(), ips=[pods.api.ip], uris=ident.san_uris()
+    )
 
 
 def _cases(cluster: DevCluster, pods: Pods) -> list[tuple[str, Any, int, str]]:
@@ -109,62 +121,139 @@ def _cases(cluster: DevCluster, pods: Pods) -> list[tuple[str, Any, int, str]]:
     unsigned_claims = claims_of(cluster.token(pods.api))
     return [
         ("non-JSON", b"{not json", 400, "BAD_JSON"),
-        ("wrong types", {"provider": 1, "domain": [], "service": {}, "attestationData": 2}, 400,
-         "BAD_REQUEST"),
+        (
+            "wrong types",
+            {"provider": 1, "domain": [], "service": {}, "attestationData": 2},
+            400,
+            "BAD_REQUEST",
+        ),
         ("missing fields", {"provider": cluster.provider}, 400, "BAD_REQUEST"),
-        ("unknown provider", cluster.confirmation(pods.api, provider="sys.auth.other"), 403,
-         "PROVIDER_MISMATCH"),
-        ("broken JWT", cluster.confirmation(pods.api, token="abc.%%%.def"), 403,
-         "TOKEN_MALFORMED"),
+        (
+            "unknown provider",
+            cluster.confirmation(pods.api, provider="sys.auth.other"),
+            403,
+            "PROVIDER_MISMATCH",
+        ),
+        ("broken JWT", cluster.confirmation(pods.api, token="abc.%%%.def"), 403, "TOKEN_MALFORMED"),
         ("not a JWT", cluster.confirmation(pods.api, token="hello"), 403, "TOKEN_MALFORMED"),
-        ("alg none", cluster.confirmation(
-            pods.api, token=forge({"alg": "none"}, unsigned_claims)), 403,
-         "TOKEN_ALG_NOT_ALLOWED"),
-        ("HS256 with the public key", cluster.confirmation(
-            pods.api, token=_hs256_with_public_key(cluster, pods)), 403,
-         "TOKEN_ALG_NOT_ALLOWED"),
-        ("unknown kid", cluster.confirmation(
-            pods.api, token=other_issuer.token(pods.api)), 403, "TOKEN_UNKNOWN_KID"),
-        ("wrong issuer", cluster.confirmation(
-            pods.api, token=cluster.token(pods.api, claims_override={"iss": "https://evil"})),
-         403, "TOKEN_ISSUER_MISMATCH"),
-        ("wrong audience", cluster.confirmation(
-            pods.api, token=cluster.token(pods.api, audiences=["vault"])), 403,
-         "TOKEN_AUDIENCE_MISMATCH"),
-        ("expired", cluster.confirmation(
-            pods.api, token=cluster.token(pods.api, now=now - 7200)), 403, "TOKEN_EXPIRED"),
-        ("not yet valid", cluster.confirmation(
-            pods.api, token=cluster.token(pods.api, now=now + 600)), 403,
-         "TOKEN_NOT_YET_VALID"),
+        (
+            "alg none",
+            cluster.confirmation(pods.api, token=forge({"alg": "none"}, unsigned_claims)),
+            403,
+            "TOKEN_ALG_NOT_ALLOWED",
+        ),
+        (
+            "HS256 with the public key",
+            cluster.confirmation(pods.api, token=_hs256_with_public_key(cluster, pods)),
+            403,
+            "TOKEN_ALG_NOT_ALLOWED",
+        ),
+        (
+            "unknown kid",
+            cluster.confirmation(pods.api, token=other_issuer.token(pods.api)),
+            403,
+            "TOKEN_UNKNOWN_KID",
+        ),
+        (
+            "wrong issuer",
+            cluster.confirmation(
+                pods.api, token=cluster.token(pods.api, claims_override={"iss": "https://evil"})
+            ),
+            403,
+            "TOKEN_ISSUER_MISMATCH",
+        ),
+        (
+            "wrong audience",
+            cluster.confirmation(pods.api, token=cluster.token(pods.api, audiences=["vault"])),
+            403,
+            "TOKEN_AUDIENCE_MISMATCH",
+        ),
+        (
+            "expired",
+            cluster.confirmation(pods.api, token=cluster.token(pods.api, now=now - 7200)),
+            403,
+            "TOKEN_EXPIRED",
+        ),
+        (
+            "not yet valid",
+            cluster.confirmation(pods.api, token=cluster.token(pods.api, now=now + 600)),
+            403,
+            "TOKEN_NOT_YET_VALID",
+        ),
         ("deleted pod", cluster.confirmation(pods.gone), 403, "POD_NOT_FOUND"),
-        ("recycled pod name", cluster.confirmation(
-            pods.api, token=cluster.issuer.mint(
-                "sports-web", "api", pods.api.name, "0badc0de-old-uid", audiences=["identityd"],
-                node_name="node-1"),
-            attributes={"instanceId": "0badc0de-old-uid"}), 403, "POD_UID_MISMATCH"),
+        (
+            "recycled pod name",
+            cluster.confirmation(
+                pods.api,
+                token=cluster.issuer.mint(
+                    "sports-web",
+                    "api",
+                    pods.api.name,
+                    "0badc0de-old-uid",
+                    audiences=["identityd"],
+                    node_name="node-1",
+                ),
+                attributes={"instanceId": "0badc0de-old-uid"},
+            ),
+            403,
+            "POD_UID_MISMATCH",
+        ),
         ("terminating pod", cluster.confirmation(pods.terminating), 403, "POD_TERMINATING"),
         ("pending pod", cluster.confirmation(pods.pending), 403, "POD_NOT_RUNNING"),
-        ("SAN DNS outside the suffix", cluster.confirmation(
-            pods.api, san_dns=[ident.service_dns, "api.sports-web.evil.com"]), 403,
-         "SAN_DNS_NOT_ALLOWED"),
-        ("wildcard for another service", cluster.confirmation(
-            pods.api, san_dns=[f"*.billing.payments.{cluster.dns_suffix}"]), 403,
-         "SAN_DNS_NOT_ALLOWED"),
-        ("SAN IP of another pod", cluster.confirmation(pods.api, san_ip=[pods.other.ip]), 403,
-         "SAN_IP_NOT_ALLOWED"),
-        ("instance-id URI of another pod", cluster.confirmation(
-            pods.api, san_uri=[ident.athenz_spiffe_uri,
-                               f"athenz://instanceid/{cluster.provider}/{pods.other.uid}"]),
-         403, "SAN_URI_NOT_ALLOWED"),
-        ("CSR signature does not verify", cluster.confirmation(
-            pods.api, attributes={"csr": _bad_csr_signature(cluster, pods)}), 403,
-         "CSR_SIGNATURE_INVALID"),
-        ("CSR with an RSA-1024 key", cluster.confirmation(
-            pods.api, attributes={"csr": _weak_rsa_csr(cluster, pods)}), 403, "CSR_KEY_WEAK"),
-        ("CSR that is not a CSR", cluster.confirmation(
-            pods.api, attributes={"csr": "-----BEGIN CERTIFICATE REQUEST-----\n!!!\n"
-                                         "-----END CERTIFICATE REQUEST-----\n"}), 400,
-         "BAD_CSR"),
+        (
+            "SAN DNS outside the suffix",
+            cluster.confirmation(pods.api, san_dns=[ident.service_dns, "api.sports-web.evil.com"]),
+            403,
+            "SAN_DNS_NOT_ALLOWED",
+        ),
+        (
+            "wildcard for another service",
+            cluster.confirmation(pods.api, san_dns=[f"*.billing.payments.{cluster.dns_suffix}"]),
+            403,
+            "SAN_DNS_NOT_ALLOWED",
+        ),
+        (
+            "SAN IP of another pod",
+            cluster.confirmation(pods.api, san_ip=[pods.other.ip]),
+            403,
+            "SAN_IP_NOT_ALLOWED",
+        ),
+        (
+            "instance-id URI of another pod",
+            cluster.confirmation(
+                pods.api,
+                san_uri=[
+                    ident.athenz_spiffe_uri,
+                    f"athenz://instanceid/{cluster.provider}/{pods.other.uid}",
+                ],
+            ),
+            403,
+            "SAN_URI_NOT_ALLOWED",
+        ),
+        (
+            "CSR signature does not verify",
+            cluster.confirmation(pods.api, attributes={"csr": _bad_csr_signature(cluster, pods)}),
+            403,
+            "CSR_SIGNATURE_INVALID",
+        ),
+        (
+            "CSR with an RSA-1024 key",
+            cluster.confirmation(pods.api, attributes={"csr": _weak_rsa_csr(cluster, pods)}),
+            403,
+            "CSR_KEY_WEAK",
+        ),
+        (
+            "CSR that is not a CSR",
+            cluster.confirmation(
+                pods.api,
+                attributes={
+                    "csr": "-----BEGIN CERTIFICATE REQUEST-----\n!!!\n"
+                    "-----END CERTIFICATE REQUEST-----\n"
+                },
+            ),
+            400,
+            "BAD_CSR",
+        ),
     ]
 
 
@@ -204,8 +293,9 @@ async def test_chunked_oversized_body_is_413(
 
 
 async def test_wrong_content_type_is_400(service: Service) -> None:
-    async with service.http.post(f"{service.url}/instance", data=b"{}",
-                                 headers={"Content-Type": "text/plain"}) as resp:
+    async with service.http.post(
+        f"{service.url}/instance", data=b"{}", headers={"Content-Type": "text/plain"}
+    ) as resp:
         assert resp.status == 400
         assert (await resp.json())["message"].startswith("BAD_CONTENT_TYPE")
 
@@ -213,7 +303,9 @@ async def test_wrong_content_type_is_400(service: Service) -> None:
 async def test_deny_message_carries_codes_not_details(
     service: Service, cluster: DevCluster, pods: Pods
 ) -> None:
-    status, answer = await service.post("instance", cluster.confirmation(pods.api, san_ip=[pods.other.ip]))
+    status, answer = await service.post(
+        "instance", cluster.confirmation(pods.api, san_ip=[pods.other.ip])
+    )
     assert status == 403
     assert pods.other.ip not in answer["message"]
 

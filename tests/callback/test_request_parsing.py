@@ -12,10 +12,16 @@ from identityd.callback.request import extract_token, parse_json, parse_request,
 from identityd.errors import BadRequest
 
 GOOD = {
-    "provider": "sys.auth.k8s", "domain": "sports.web", "service": "api",
+    "provider": "sys.auth.k8s",
+    "domain": "sports.web",
+    "service": "api",
     "attestationData": "aaa.bbb.ccc",
-    "attributes": {"instanceId": "u1", "sanDNS": "a.example.com, b.example.com,,",
-                   "sanIP": "10.1.2.3", "extra": "kept"},
+    "attributes": {
+        "instanceId": "u1",
+        "sanDNS": "a.example.com, b.example.com,,",
+        "sanIP": "10.1.2.3",
+        "extra": "kept",
+    },
 }
 
 
@@ -32,7 +38,11 @@ def body(**changes: object) -> bytes:
 def test_good_request_is_parsed_and_lists_split() -> None:
     req = parse_request("instance", body())
     assert (req.provider, req.domain, req.service, req.instance_id) == (
-        "sys.auth.k8s", "sports.web", "api", "u1")
+        "sys.auth.k8s",
+        "sports.web",
+        "api",
+        "u1",
+    )
     assert req.list_attribute("sanDNS") == ["a.example.com", "b.example.com"]
     assert req.list_attribute("sanURI") == []
     assert req.attributes["extra"] == "kept"
@@ -63,8 +73,10 @@ def test_wrapped_identity_token_is_unwrapped() -> None:
         (body(attestationData=["a"]), "BAD_REQUEST"),
         (body(attestationData='{"identityToken": 5}'), "BAD_ATTESTATION_DATA"),
         (body(attestationData='{"other": "x"}'), "BAD_ATTESTATION_DATA"),
-        (body(attestationData='{"identityToken": "a", "identityToken": "b"}'),
-         "BAD_ATTESTATION_DATA"),
+        (
+            body(attestationData='{"identityToken": "a", "identityToken": "b"}'),
+            "BAD_ATTESTATION_DATA",
+        ),
         (body(attestationData="{broken"), "BAD_ATTESTATION_DATA"),
         (body(attributes=[]), "BAD_REQUEST"),
         (body(attributes={"instanceId": 5}), "BAD_REQUEST"),
@@ -72,8 +84,10 @@ def test_wrapped_identity_token_is_unwrapped() -> None:
         (body(attributes={"instanceId": "a\x00b"}), "BAD_REQUEST"),
         (body(domain="sports.web\nX-Injected: 1"), "BAD_REQUEST"),
         (body(service="a" * 300), "BAD_REQUEST"),
-        (body(attributes={"sanDNS": ",".join(f"h{i}.example.com" for i in range(40))}),
-         "BAD_REQUEST"),
+        (
+            body(attributes={"sanDNS": ",".join(f"h{i}.example.com" for i in range(40))}),
+            "BAD_REQUEST",
+        ),
         (body(attributes={f"k{i}": "v" for i in range(100)}), "BAD_REQUEST"),
         (body(attributes={"csr": "A" * 20000}), "BAD_CSR"),
     ],
@@ -113,14 +127,15 @@ def test_arbitrary_bytes_never_escape_as_anything_but_bad_request(raw: bytes) ->
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(
-        st.text(max_size=10), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=30,
 )
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(list(GOOD) + ["x"]), json_values, max_size=6))
+@given(st.dictionaries(st.sampled_from([*GOOD, "x"]), json_values, max_size=6))
 def test_arbitrary_json_objects_parse_or_are_refused(doc: dict[str, object]) -> None:
     try:
         req = parse_request("instance", json.dumps(doc).encode())

@@ -25,10 +25,15 @@ def test_defaults_when_nothing_is_given() -> None:
 
 def test_flag_beats_env_beats_file(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("provider: from.file\ntrust-domain: file.td\ndns_suffix: [a.example, b.example]\n"
-                   "max-body-bytes: 1000\n")
-    env = {"IDENTITYD_PROVIDER": "from.env", "IDENTITYD_TRUST_DOMAIN": "env.td",
-           "IDENTITYD_AUDIENCE": "one, two"}
+    cfg.write_text(
+        "provider: from.file\ntrust-domain: file.td\ndns_suffix: [a.example, b.example]\n"
+        "max-body-bytes: 1000\n"
+    )
+    env = {
+        "IDENTITYD_PROVIDER": "from.env",
+        "IDENTITYD_TRUST_DOMAIN": "env.td",
+        "IDENTITYD_AUDIENCE": "one, two",
+    }
     s = settings_from_args(parse(["--config", str(cfg), "--provider", "from.flag"]), environ=env)
     assert s.identity.provider == "from.flag"
     assert s.identity.trust_domain == "env.td"
@@ -38,8 +43,10 @@ def test_flag_beats_env_beats_file(tmp_path: Path) -> None:
 
 
 def test_repeatable_flags_accumulate() -> None:
-    s = settings_from_args(parse(["--dns-suffix", "a", "--dns-suffix", "b",
-                                  "--allowed-client", "zts.example"]), environ={})
+    s = settings_from_args(
+        parse(["--dns-suffix", "a", "--dns-suffix", "b", "--allowed-client", "zts.example"]),
+        environ={},
+    )
     assert s.identity.dns_suffixes == ("a", "b")
     assert s.tls.allowed_clients == ("zts.example",)
 
@@ -53,12 +60,19 @@ def test_json_config_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("content", "env"),
-    [("nope: 1\n", {}), ("- a\n", {}), ("max-body-bytes: lots\n", {}),
-     ("", {"IDENTITYD_WORKERS": "zero"}), ("", {"IDENTITYD_WORKERS": "0"}),
-     ("", {"IDENTITYD_ALLOW_REFRESH": "maybe"}), ("", {"IDENTITYD_CERT_USAGE": "both"})],
+    [
+        ("nope: 1\n", {}),
+        ("- a\n", {}),
+        ("max-body-bytes: lots\n", {}),
+        ("", {"IDENTITYD_WORKERS": "zero"}),
+        ("", {"IDENTITYD_WORKERS": "0"}),
+        ("", {"IDENTITYD_ALLOW_REFRESH": "maybe"}),
+        ("", {"IDENTITYD_CERT_USAGE": "both"}),
+    ],
 )
-def test_bad_configuration_is_a_config_error(tmp_path: Path, content: str,
-                                             env: dict[str, str]) -> None:
+def test_bad_configuration_is_a_config_error(
+    tmp_path: Path, content: str, env: dict[str, str]
+) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(content)
     with pytest.raises(ConfigError):

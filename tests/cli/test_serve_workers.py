@@ -44,8 +44,10 @@ def children(pid: int) -> set[int]:
 
 def post(port: int, body: dict[str, object]) -> int:
     req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/instance", data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", "Connection": "close"})
+        f"http://127.0.0.1:{port}/instance",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Connection": "close"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
             return int(resp.status)
@@ -71,13 +73,31 @@ def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, DevCl
     cluster.add_pod("sports-web", "api-1", "api", "10.1.2.3")
     pods, jwks = cluster.write(tmp_path)
     port = free_port()
-    env = {**os.environ, "IDENTITYD_JWKS": str(jwks), "IDENTITYD_PODS": str(pods),
-           "IDENTITYD_POLICIES": str(POLICIES)}
+    env = {
+        **os.environ,
+        "IDENTITYD_JWKS": str(jwks),
+        "IDENTITYD_PODS": str(pods),
+        "IDENTITYD_POLICIES": str(POLICIES),
+    }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "identityd.cli.main", "serve", "--listen", f"127.0.0.1:{port}",
-         "--workers", "2", "--log-level", "WARNING"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "identityd.cli.main",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "2",
+            "--log-level",
+            "WARNING",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_ready(port, proc)
         yield proc, port, cluster
@@ -124,8 +144,11 @@ def test_metrics_aggregate_across_workers(
     for _ in range(10):
         assert post(port, cluster.confirmation(cluster.pods[0])) == 200
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    line = next(ln for ln in text.splitlines()
-                if ln.startswith('identityd_decisions_total{kind="instance",result="allow"}'))
+    line = next(
+        ln
+        for ln in text.splitlines()
+        if ln.startswith('identityd_decisions_total{kind="instance",result="allow"}')
+    )
     assert float(line.split()[-1]) == 10.0
 
 
