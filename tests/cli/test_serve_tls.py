@@ -110,7 +110,7 @@ async def test_allowed_client_certificate_gets_a_decision(
 async def test_server_certificate_cn_is_the_provider_name(tls_server: tuple[int, TLSWorld]) -> None:
     port, world = tls_server
     ctx = world.client_context(world.client_ca)
-    reader, writer = await asyncio.open_connection("localhost", port, ssl=ctx)
+    _, writer = await asyncio.open_connection("localhost", port, ssl=ctx)
     cert = writer.get_extra_info("peercert")
     writer.close()
     await writer.wait_closed()
