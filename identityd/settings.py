@@ -26,6 +26,8 @@ MAX_TOKEN_BYTES = 16 * 1024
 # Callback: the CA's own timeout is 30 s; a decision must come back far sooner.
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 DEFAULT_DECISION_TIMEOUT_SECONDS = 2.0
+# A client must deliver its whole body within this time (slow-body clients hold a handler).
+BODY_READ_TIMEOUT_SECONDS = 5.0
 # JSON nested deeper than this is refused (a real InstanceConfirmation is depth 2).
 MAX_JSON_DEPTH = 8
 # A CSR PEM larger than this is refused before parsing.

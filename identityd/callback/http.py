@@ -8,6 +8,7 @@ decision log, never to the caller.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -30,6 +31,7 @@ from identityd.errors import (
 from identityd.inventory.base import PodInventory
 from identityd.metrics import CONTENT_TYPE_LATEST, Metrics, render
 from identityd.policy.base import PolicyEngine
+from identityd.settings import BODY_READ_TIMEOUT_SECONDS
 
 log = logging.getLogger("identityd.http")
 
@@ -124,10 +126,16 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     if request.content_type != "application/json":
         raise BadRequest("BAD_CONTENT_TYPE", "Content-Type must be application/json")
     body = bytearray()
-    async for chunk in request.content.iter_chunked(16384):
-        body.extend(chunk)
-        if len(body) > limit:
-            raise PayloadTooLarge("BODY_TOO_LARGE", f"more than {limit} bytes")
+    try:
+        async with asyncio.timeout(BODY_READ_TIMEOUT_SECONDS):
+            async for chunk in request.content.iter_chunked(16384):
+                body.extend(chunk)
+                if len(body) > limit:
+                    raise PayloadTooLarge("BODY_TOO_LARGE", f"more than {limit} bytes")
+    except TimeoutError:
+        raise BadRequest(
+            "BODY_TIMEOUT", f"body not received within {BODY_READ_TIMEOUT_SECONDS}s"
+        ) from None
     return bytes(body)
 
 

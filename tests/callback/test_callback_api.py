@@ -349,3 +349,24 @@ async def test_unknown_route_and_method_are_json_errors(service: Service) -> Non
         assert (await resp.json())["code"] == 405
     async with service.http.get(f"{service.url}/nope") as resp:
         assert resp.status == 404
+
+
+async def test_slow_body_is_cut_off_and_service_keeps_serving(
+    service: Service, cluster: DevCluster, pods: Pods, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    import identityd.callback.http as http_module
+
+    monkeypatch.setattr(http_module, "BODY_READ_TIMEOUT_SECONDS", 0.3)
+    port = int(service.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST /instance HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 1000\r\n\r\n{"provider":'
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 400")
+    await assert_still_serving(service, cluster, pods)
