@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from identityd.callback.decision_log import DecisionRecord
 from identityd.callback.policy_input import build_input
 from identityd.callback.request import CallbackRequest, parse_request
-from identityd.errors import Denied, InventoryUnavailable
+from identityd.errors import Denied, InvalidCSR, InventoryUnavailable
 from identityd.inventory.base import PodInventory, PodRecord
-from identityd.keys.csr import parse_csr
+from identityd.keys.csr import parse_csr, public_key_pem_sha256
 from identityd.policy.base import Decision, PolicyEngine
 from identityd.settings import IdentitySettings
 from identityd.tokens.base import TokenClaims, TokenVerifier
@@ -68,6 +68,10 @@ class Pipeline:
         csr = parse_csr(req.csr_pem) if req.csr_pem else None
         if csr is not None:
             record.csr_key_sha256 = csr.public_key_sha256
+            public_key_pem = req.attributes.get("csrPublicKey")
+            # ZTS states the key it will certify; the CSR must be for that same key.
+            if public_key_pem and public_key_pem_sha256(public_key_pem) != csr.public_key_sha256:
+                raise InvalidCSR("CSR_PUBLIC_KEY_MISMATCH", "csrPublicKey is not the CSR's key")
             lap("csr")
 
         pod, found_by = await self._find_pod(claims)

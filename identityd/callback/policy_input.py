@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from identityd.callback.request import LIST_ATTRIBUTES, CallbackRequest
+from identityd.callback.request import LIST_ATTRIBUTES, PEM_ATTRIBUTES, CallbackRequest
 from identityd.inventory.base import PodRecord
 from identityd.keys.csr_info import CSRInfo
 from identityd.policy.base import INPUT_VERSION
@@ -47,7 +47,10 @@ def _split_ips(items: list[str]) -> tuple[list[str], list[str]]:
 
 
 def request_section(req: CallbackRequest) -> dict[str, Any]:
-    attributes: dict[str, Any] = {k: v for k, v in req.attributes.items() if k != "csr"}
+    # PEM attributes stay out of the policy input: the parsed CSR is in input.csr.
+    attributes: dict[str, Any] = {
+        k: v for k, v in req.attributes.items() if k not in PEM_ATTRIBUTES
+    }
     for name in LIST_ATTRIBUTES:
         attributes[name] = req.list_attribute(name)
     return {

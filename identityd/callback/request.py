@@ -16,6 +16,8 @@ from identityd.errors import BadRequest
 from identityd.settings import MAX_CSR_BYTES, MAX_JSON_DEPTH, MAX_SAN_ENTRIES, MAX_TOKEN_BYTES
 
 KINDS = ("instance", "refresh")
+# Attributes ZTS sends as PEM text (with newlines); the rest are single-line strings.
+PEM_ATTRIBUTES = ("csr", "csrPublicKey")
 # Attributes ZTS sends as comma-joined lists; the policy gets them split.
 LIST_ATTRIBUTES = ("sanDNS", "sanIP", "sanURI")
 MAX_ATTRIBUTES = 64
@@ -133,10 +135,12 @@ def _attributes(body: dict[str, Any]) -> dict[str, str]:
         if not isinstance(value, str):
             raise BadRequest("BAD_REQUEST", f"attributes.{key[:64]}: not a string")
         _check_text("attribute name", key, MAX_NAME_CHARS)
-        if key == "csr":
-            # A PEM has newlines; it is validated strictly by the CSR parser.
+        if key in PEM_ATTRIBUTES:
+            # A PEM has newlines (nothing else may); the CSR parser validates csr strictly.
             if len(value) > MAX_CSR_BYTES:
-                raise BadRequest("BAD_CSR", f"csr: longer than {MAX_CSR_BYTES} bytes")
+                raise BadRequest("BAD_CSR", f"{key}: longer than {MAX_CSR_BYTES} bytes")
+            if _CONTROL.search(value.replace("\n", "").replace("\r", "")):
+                raise BadRequest("BAD_REQUEST", f"attributes.{key}: control character")
         else:
             _check_text(f"attributes.{key}", value, MAX_ATTRIBUTE_CHARS)
         attributes[key] = value

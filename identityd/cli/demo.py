@@ -20,8 +20,10 @@ from typing import Any
 import aiohttp
 
 from identityd.cli.serve import configure_logging, serve_sockets
+from identityd.devca.stack import run_stack
 from identityd.devca.workload import DevCluster, DevPod
 from identityd.settings import IdentitySettings, Settings, TokenSettings
+from identityd.sia.main import agent_once
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ async def _run(policies: Path) -> int:
             stop.set()
             await server
     print(f"\n{'all answers as expected' if not failures else f'{failures} unexpected answers'}")
-    return 0 if failures == 0 else 1
+    return failures
 
 
 async def _wait_ready(http: aiohttp.ClientSession, base: str, server: asyncio.Task[None]) -> None:
@@ -170,6 +172,18 @@ async def _wait_ready(http: aiohttp.ClientSession, base: str, server: asyncio.Ta
     raise RuntimeError("identityd did not become ready")
 
 
+async def _stack(policies: Path) -> int:
+    """Part two: agent → dev CA → identityd (mTLS) → certificate, for a pod and impostors."""
+    report = await run_stack(serve_identityd=serve_sockets, run_agent=agent_once, policies=policies)
+    print("\n".join(report.lines()))
+    return 0 if report.ok else 1
+
+
 def demo(policies: str | None) -> int:
-    configure_logging("WARNING", stream_names=())
-    return asyncio.run(_run(Path(policies) if policies else default_policies()))
+    configure_logging("ERROR", stream_names=())
+    path = Path(policies) if policies else default_policies()
+    print("== 1. The callback: a CA's requests, legitimate and forged ==\n")
+    failures = asyncio.run(_run(path))
+    print("\n== 2. The whole flow: agent -> dev CA -> identityd (mTLS) -> certificate ==\n")
+    failures += asyncio.run(_stack(path))
+    return 0 if failures == 0 else 1

@@ -39,7 +39,27 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the whole flow on loopback and print each decision")
     demo.add_argument("--policies", default=None, help="policy directory (default: bundled)")
+
+    from identityd.devca.server import add_arguments as devca_arguments
+    from identityd.sia.main import add_arguments as sia_arguments
+
+    sia_arguments(
+        sub.add_parser(
+            "sia",
+            help="the identity agent: key, CSR, certificate (init container --once, or sidecar)",
+        )
+    )
+    devca_arguments(
+        sub.add_parser(
+            "dev-ca", help="a DEVELOPMENT CA speaking ZTS's register API (not for production)"
+        )
+    )
     return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line, for documentation and deployment checks."""
+    return _parser()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,6 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from identityd.cli.policy_test import policy_test
 
             return policy_test(args.directory, verbose=args.verbose)
+        if args.command == "sia":
+            from identityd.sia.main import sia_main
+
+            return sia_main(args)
+        if args.command == "dev-ca":
+            from identityd.devca.server import devca_main
+
+            return devca_main(args)
         if args.command == "demo":
             from identityd.cli.demo import demo
 

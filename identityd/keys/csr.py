@@ -301,3 +301,14 @@ def public_key_sha256(public_key: PublicKeyTypes) -> str:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return hashlib.sha256(spki).hexdigest()
+
+
+def public_key_pem_sha256(pem: str) -> str:
+    """Fingerprint of a PEM public key (ZTS's ``csrPublicKey``); BadRequest if it is not one."""
+    if len(pem) > MAX_CSR_BYTES or not pem.isascii():
+        raise BadRequest("BAD_CSR_PUBLIC_KEY", "csrPublicKey is not an ASCII PEM public key")
+    try:
+        key = serialization.load_pem_public_key(pem.encode("ascii"))
+    except Exception:  # noqa: BLE001 - cryptography raises several types; all mean "not a key"
+        raise BadRequest("BAD_CSR_PUBLIC_KEY", "csrPublicKey is not a PEM public key") from None
+    return public_key_sha256(key)

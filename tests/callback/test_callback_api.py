@@ -370,3 +370,36 @@ async def test_slow_body_is_cut_off_and_service_keeps_serving(
     writer.close()
     assert head.startswith(b"HTTP/1.1 400")
     await assert_still_serving(service, cluster, pods)
+
+
+def _public_key_pem(key: object) -> str:
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+    assert isinstance(key, PrivateKeyTypes.__args__)  # type: ignore[attr-defined]
+    return (
+        key.public_key()
+        .public_bytes(  # type: ignore[union-attr]
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        .decode()
+    )
+
+
+async def test_csr_public_key_attribute_must_match_the_csr(
+    service: Service, cluster: DevCluster, pods: Pods
+) -> None:
+    key, other = generate_key("EC"), generate_key("EC")
+    good = cluster.confirmation(
+        pods.api, key=key, attributes={"csrPublicKey": _public_key_pem(key)}
+    )
+    status, answer = await service.post("instance", good)
+    assert status == 200, answer
+    bad = cluster.confirmation(
+        pods.api, key=key, attributes={"csrPublicKey": _public_key_pem(other)}
+    )
+    status, answer = await service.post("instance", bad)
+    assert (status, answer["message"]) == (403, "CSR_PUBLIC_KEY_MISMATCH")
+    junk = cluster.confirmation(pods.api, key=key, attributes={"csrPublicKey": "-----BEGIN x\n"})
+    status, answer = await service.post("instance", junk)
+    assert status == 400
+    assert answer["message"].startswith("BAD_CSR_PUBLIC_KEY")
