@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -28,8 +26,9 @@ from identityd.inventory.static import StaticInventory
 from identityd.metrics import Metrics
 from identityd.policy.base import PolicyEngine
 from identityd.policy.embedded import EmbeddedEngine
-from identityd.policy.sources import load_policy_dir
-from identityd.settings import Settings
+from identityd.policy.opa import OPAEngine
+from identityd.policy.reload import DirectorySource, PolicyReloader, ReloadOutcome
+from identityd.settings import DEFAULT_POLICY_RELOAD_SECONDS, Settings
 from identityd.tokens.base import TokenVerifier
 from identityd.tokens.jwks import JWKSVerifier
 
@@ -39,11 +38,40 @@ class Edges:
     verifier: TokenVerifier
     inventory: PodInventory
     engine: PolicyEngine
+    reloader: PolicyReloader | None = None
 
     async def aclose(self) -> None:
+        if self.reloader is not None:
+            await self.reloader.aclose()
         await self.verifier.aclose()
         await self.inventory.aclose()
         await self.engine.aclose()
+
+
+def build_engine(settings: Settings) -> PolicyEngine:
+    if settings.engine == "opa":
+        return OPAEngine(settings.opa_url, timeout=settings.decision_timeout_seconds)
+    if settings.engine == "embedded":
+        return EmbeddedEngine(timeout=settings.decision_timeout_seconds)
+    raise ConfigError("CONFIG_ERROR", f"--engine {settings.engine!r} is not available")
+
+
+async def start_policies(
+    settings: Settings, engine: PolicyEngine, metrics: Metrics | None
+) -> PolicyReloader:
+    """First load, then hot reload. A set that does not compile stops start-up; a
+    sidecar that is not up yet does not (not ready until the reloader gets through)."""
+    interval = settings.policy_reload_seconds or DEFAULT_POLICY_RELOAD_SECONDS
+    reloader = PolicyReloader(
+        DirectorySource(settings.policies), engine, interval=interval, metrics=metrics
+    )
+    first = await reloader.reload_once()
+    if first.outcome in (ReloadOutcome.REJECTED, ReloadOutcome.SOURCE_ERROR):
+        await reloader.aclose()
+        raise ConfigError("POLICY_LOAD_FAILED", f"{settings.policies}: {first.error}")
+    if settings.policy_reload_seconds > 0 or not first.ok:
+        await reloader.start()
+    return reloader
 
 
 async def build_edges(settings: Settings, metrics: Metrics | None = None) -> Edges:
@@ -52,19 +80,15 @@ async def build_edges(settings: Settings, metrics: Metrics | None = None) -> Edg
         raise ConfigError("CONFIG_ERROR", "--jwks is required (file path or URL)")
     if settings.pods is None:
         raise ConfigError("CONFIG_ERROR", "--pods is required (cluster inventory not configured)")
-    if settings.engine != "embedded":
-        raise ConfigError("CONFIG_ERROR", f"--engine {settings.engine!r} is not available")
     inventory = StaticInventory.from_file(settings.pods)
-    engine = EmbeddedEngine(timeout=settings.decision_timeout_seconds)
+    engine = build_engine(settings)
     try:
-        await engine.load(load_policy_dir(settings.policies))
+        reloader = await start_policies(settings, engine, metrics)
     except BaseException:
         await engine.aclose()
         raise
-    if metrics is not None:
-        metrics.policy_loads.labels(result="ok").inc()
     verifier = JWKSVerifier(settings.tokens)
-    return Edges(verifier=verifier, inventory=inventory, engine=engine)
+    return Edges(verifier=verifier, inventory=inventory, engine=engine, reloader=reloader)
 
 
 def create_app(
@@ -119,11 +143,3 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     if tls.allowed_clients and not tls.client_ca:
         raise ConfigError("CONFIG_ERROR", "--allowed-client needs --client-ca")
     return ctx
-
-
-async def edges_context(settings: Settings, metrics: Metrics) -> AsyncIterator[Edges]:
-    """Edges as an async resource: built on entry, closed on exit."""
-    async with AsyncExitStack() as stack:
-        edges = await build_edges(settings, metrics)
-        stack.push_async_callback(edges.aclose)
-        yield edges

@@ -35,6 +35,10 @@ MAX_CSR_BYTES = 16 * 1024
 # At most this many SAN entries per kind in a request or CSR.
 MAX_SAN_ENTRIES = 32
 
+# Policies: how often the policy source is checked for changes (hot reload).
+DEFAULT_POLICY_RELOAD_SECONDS = 2.0
+DEFAULT_OPA_URL = "http://127.0.0.1:8181"
+
 # Certificates.
 DEFAULT_CERT_EXPIRY_MINUTES = 60 * 24
 MIN_RSA_BITS = 2048
@@ -90,7 +94,10 @@ class Settings:
     metrics_listen: str | None = None
     pods: str | None = None  # static inventory file; None = watch the cluster
     policies: str = "policies"
-    engine: str = "embedded"
+    engine: str = "embedded"  # "embedded" (regopy, in-process) or "opa" (sidecar REST)
+    opa_url: str = DEFAULT_OPA_URL
+    # 0 disables hot reload: the policies loaded at start-up stay.
+    policy_reload_seconds: float = DEFAULT_POLICY_RELOAD_SECONDS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     decision_timeout_seconds: float = DEFAULT_DECISION_TIMEOUT_SECONDS
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)

@@ -88,7 +88,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("--token-leeway", "tokens.leeway_seconds", "clock skew tolerated, seconds", int),
     Option("--pods", "pods", "static inventory: JSON/YAML list of Pods or a v1/PodList"),
     Option("--policies", "policies", "directory of Rego policies"),
-    Option("--engine", "engine", "policy engine", choices=("embedded",)),
+    Option(
+        "--engine",
+        "engine",
+        "policy engine: embedded (regopy) or opa (sidecar)",
+        choices=("embedded", "opa"),
+    ),
+    Option("--opa-url", "opa_url", "OPA server URL for --engine opa (loopback sidecar)"),
+    Option(
+        "--policy-reload-seconds",
+        "policy_reload_seconds",
+        "check the policy source for changes this often (0 = never)",
+        float,
+    ),
     Option(
         "--decision-timeout", "decision_timeout_seconds", "policy decision timeout, seconds", float
     ),
@@ -181,7 +193,14 @@ def build_settings(values: Mapping[str, Any], base: Settings | None = None) -> S
     top = sections[""]
     if "workers" in top and top["workers"] < 1:
         raise ConfigError("CONFIG_ERROR", "--workers must be at least 1")
-    return replace(settings, identity=identity, tokens=tokens, tls=tls, **top)
+    result = replace(settings, identity=identity, tokens=tokens, tls=tls, **top)
+    if result.engine == "opa" and result.workers > 1:
+        # OPA cannot swap a policy set atomically; two workers pushing could leave it
+        # mixed. OPA does the evaluating anyway: scale with replicas.
+        raise ConfigError("CONFIG_ERROR", "--engine opa runs one worker (--workers 1)")
+    if result.policy_reload_seconds < 0:
+        raise ConfigError("CONFIG_ERROR", "--policy-reload-seconds must be 0 or more")
+    return result
 
 
 def settings_from_args(

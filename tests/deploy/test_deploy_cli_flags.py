@@ -17,22 +17,12 @@ from deploy_support import K8S, K8S_PATCH, cli_parser, load_yaml_file, one, subc
 PENDING: dict[str, set[str]] = {
     "serve": {
         "--token-mode",
-        "--engine",  # the value "opa"
-        "--opa-url",
         "--policy-configmap-namespace",
         "--leader-elect",
         "--leader-elect-resource-name",
         "--leader-elect-resource-namespace",
     },
-    "sia": {
-        "--once",
-        "--ca-url",
-        "--ca-bundle",
-        "--provider",
-        "--dns-suffix",
-        "--token-file",
-        "--out-dir",
-    },
+    "sia": set(),
 }
 
 
