@@ -1,0 +1,349 @@
+"""The Kubernetes API edge of the pod inventory: the client, and the three pod calls.
+
+:class:`PodsAPI` lists a page of pods, opens a watch, and GETs one pod through the
+real ``kubernetes_asyncio`` client (its auth, TLS and kubeconfig handling), but
+asks for the raw response (``_preload_content=False``) and parses the JSON
+itself: the client's model deserialisation is ~20x slower and its objects far
+larger than the dicts :func:`~identityd.inventory.store.record_from_pod` reads.
+
+Every failure leaves this module as :class:`KubeAPIError` (an ``Unavailable``)
+with the HTTP status when there was one: no aiohttp or kubernetes_asyncio type
+escapes. A watch ``ERROR`` event becomes a KubeAPIError with the Status's code,
+so ``410 Gone``/``Expired`` looks the same whether it came as a response or as
+an event (:attr:`KubeAPIError.expired`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio import config as k8s_config
+from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.config.config_exception import ConfigException
+
+from identityd.errors import ConfigError, Unavailable
+
+JSONObject = dict[str, Any]
+T = TypeVar("T")
+
+# At most this many characters of a Status message go into an error detail.
+_MAX_DETAIL = 200
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector for a short, synchronous burst of allocation.
+
+    Use only around code without an await: nothing else runs meanwhile, so pauses
+    cannot interleave, and a GC the application disabled stays disabled."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class KubeAPIError(Unavailable):
+    """The API server did not answer as asked. ``status`` is 0 when no HTTP answer came."""
+
+    default_code = "KUBE_API_ERROR"
+
+    def __init__(self, code: str | None = None, detail: str = "", *, status: int = 0,
+                 reason: str = "") -> None:
+        super().__init__(code, detail)
+        self.status = status
+        self.reason = reason
+
+    @property
+    def expired(self) -> bool:
+        """410: the resourceVersion or continue token is older than the server keeps."""
+        return self.status == 410
+
+
+@dataclass(frozen=True)
+class KubeConnection:
+    """How to reach the API server.
+
+    Default: in cluster, the pod's service account (token re-read as it rotates).
+    ``kubeconfig`` (and optionally ``context``): a kubeconfig file. ``host`` with
+    ``token``: an explicit URL and bearer token (tests, development)."""
+
+    kubeconfig: str | None = None
+    context: str | None = None
+    host: str | None = None
+    token: str | None = None
+    ca_cert: str | None = None
+    verify_ssl: bool = True
+
+
+async def new_api_client(connection: KubeConnection) -> k8s.ApiClient:
+    """A client with its own Configuration (never the process-wide default)."""
+    configuration = k8s.Configuration()
+    try:
+        if connection.host is not None:
+            configuration.host = connection.host.rstrip("/")
+            if connection.token:
+                configuration.api_key = {"BearerToken": connection.token}
+                configuration.api_key_prefix = {"BearerToken": "Bearer"}
+            configuration.ssl_ca_cert = connection.ca_cert
+            configuration.verify_ssl = connection.verify_ssl
+        elif connection.kubeconfig is not None:
+            await k8s_config.load_kube_config(
+                config_file=connection.kubeconfig, context=connection.context,
+                client_configuration=configuration, persist_config=False,
+            )
+        else:
+            load_incluster: Any = k8s_config.load_incluster_config  # untyped upstream
+            load_incluster(client_configuration=configuration)
+    except (ConfigException, OSError, ValueError) as exc:
+        raise ConfigError("KUBE_CONFIG_INVALID", f"cannot configure the Kubernetes client: "
+                          f"{type(exc).__name__}: {str(exc)[:_MAX_DETAIL]}") from exc
+    return k8s.ApiClient(configuration)
+
+
+class PodsAPI:
+    """Pods through one ApiClient (one connection pool). Close with :meth:`aclose`."""
+
+    def __init__(self, api_client: k8s.ApiClient) -> None:
+        self._client = api_client
+        self._core = k8s.CoreV1Api(api_client)
+
+    @classmethod
+    async def connect(cls, connection: KubeConnection) -> PodsAPI:
+        return cls(await new_api_client(connection))
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def list_all(
+        self,
+        namespace: str | None,
+        convert: Callable[[JSONObject], T | None],
+        *,
+        limit: int,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        request_timeout: float,
+    ) -> tuple[list[T], str]:
+        """Every pod of a list (in pages of ``limit``; 0 = one response) passed through
+        ``convert`` (None drops it), and the list's resourceVersion.
+
+        A continue token the server no longer honours raises KubeAPIError with code
+        ``KUBE_CONTINUE_EXPIRED`` (status 410): list again, unpaged.
+
+        Each page is parsed and converted with the cyclic GC paused, and is gone
+        before it resumes: a collector running while a page is alive scans its
+        ~30k containers over and over (a quarter of the CPU of a 100k-pod list,
+        bench/inventory_sync.py). The next page is asked for before this one is
+        converted, so the server prepares it meanwhile. The price is one
+        event-loop stall per page (~50 ms at 500 4-KB pods); ``limit`` bounds it."""
+        params: dict[str, Any] = {"_request_timeout": aiohttp.ClientTimeout(total=request_timeout)}
+        if limit:
+            params["limit"] = limit
+        if label_selector:
+            params["label_selector"] = label_selector
+        if field_selector:
+            params["field_selector"] = field_selector
+        converted: list[T] = []
+        list_rv: str | None = None
+        pending: asyncio.Future[Any] | None = asyncio.ensure_future(
+            self._request(namespace, params))
+        continuing = False
+        try:
+            while pending is not None:
+                try:
+                    raw = await self._read(await pending, "list pods")
+                except KubeAPIError as exc:
+                    if continuing and exc.expired:
+                        raise KubeAPIError("KUBE_CONTINUE_EXPIRED", exc.detail, status=410,
+                                           reason=exc.reason) from exc
+                    raise
+                with paused_gc():
+                    body = _parse(raw, "list pods")
+                    del raw
+                    meta, items = body.get("metadata"), body.get("items")
+                    if not isinstance(meta, dict) or not isinstance(items, list):
+                        raise KubeAPIError("KUBE_BAD_RESPONSE", "list pods: not a PodList",
+                                           status=200)
+                    rv, token = meta.get("resourceVersion"), meta.get("continue")
+                    if not isinstance(rv, str) or not rv:
+                        raise KubeAPIError("KUBE_BAD_RESPONSE", "list pods: no "
+                                           "resourceVersion", status=200)
+                    list_rv = list_rv or rv  # every page is as of the first
+                    if not (isinstance(token, str) and token):
+                        pending = None
+                    else:
+                        continuing = True
+                        pending = asyncio.ensure_future(
+                            self._request(namespace, params | {"_continue": token}))
+                        await asyncio.sleep(0)  # let it go out before the slow part
+                    converted += [out for item in items if isinstance(item, dict)
+                                  and (out := convert(item)) is not None]
+                    del body, meta, items
+            return converted, list_rv or ""
+        finally:
+            if pending is not None:  # failed or cancelled with a request ahead
+                pending.add_done_callback(_release_unread)
+                pending.cancel()
+
+    async def get(
+        self, namespace: str, name: str, *, request_timeout: float
+    ) -> JSONObject | None:
+        """The pod, or None when the API server says 404."""
+        try:
+            response: Any = await self._core.read_namespaced_pod(
+                name, namespace, _preload_content=False,
+                _request_timeout=aiohttp.ClientTimeout(total=request_timeout),
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError, ApiException) as exc:
+            raise _transport_error("get pod", exc) from exc
+        if response.status == 404:
+            response.release()
+            return None
+        return await self._json(response, "get pod")
+
+    async def watch(
+        self,
+        namespace: str | None,
+        *,
+        resource_version: str,
+        timeout_seconds: int,
+        label_selector: str | None = None,
+        connect_timeout: float,
+        inactivity_timeout: float,
+    ) -> WatchStream:
+        """Open a watch from ``resource_version`` with bookmarks. The caller must
+        :meth:`WatchStream.close` it. A silent stream fails after ``inactivity_timeout``."""
+        params: dict[str, Any] = {
+            "watch": True,
+            "resource_version": resource_version,
+            "allow_watch_bookmarks": True,
+            "timeout_seconds": timeout_seconds,
+            "_request_timeout": aiohttp.ClientTimeout(
+                total=None, connect=connect_timeout, sock_connect=connect_timeout,
+                sock_read=inactivity_timeout,
+            ),
+        }
+        if label_selector:
+            params["label_selector"] = label_selector
+        response = await self._request(namespace, params)
+        if response.status != 200:
+            await self._json(response, "watch pods")  # raises with the Status
+        return WatchStream(response)
+
+    async def _request(self, namespace: str | None, params: dict[str, Any]) -> Any:
+        try:
+            if namespace is None:
+                return await self._core.list_pod_for_all_namespaces(
+                    _preload_content=False, **params)
+            return await self._core.list_namespaced_pod(
+                namespace, _preload_content=False, **params)
+        except (aiohttp.ClientError, TimeoutError, OSError, ApiException) as exc:
+            raise _transport_error("pods", exc) from exc
+
+    @staticmethod
+    async def _read(response: Any, what: str) -> bytes:
+        """The body of a 200; any other status raises KubeAPIError with its Status."""
+        try:
+            raw: bytes = await response.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise _transport_error(what, exc) from exc
+        finally:
+            response.release()
+        if response.status != 200:
+            try:
+                status = json.loads(raw)
+            except ValueError:
+                status = None
+            raise _status_error(what, response.status, status)
+        return raw
+
+    @classmethod
+    async def _json(cls, response: Any, what: str) -> JSONObject:
+        return _parse(await cls._read(response, what), what)
+
+
+def _release_unread(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().release()
+
+
+def _parse(raw: bytes, what: str) -> JSONObject:
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise KubeAPIError("KUBE_BAD_RESPONSE", f"{what}: not JSON", status=200) from exc
+    if not isinstance(body, dict):
+        raise KubeAPIError("KUBE_BAD_RESPONSE", f"{what}: not a JSON object", status=200)
+    return body
+
+
+class WatchStream:
+    """The events of one open watch: ADDED, MODIFIED, DELETED and BOOKMARK dicts.
+
+    :meth:`next` returns None when the server ends the stream (``timeoutSeconds``
+    or a clean close) and raises KubeAPIError for an ERROR event (410 → ``expired``),
+    a dead stream (``KUBE_WATCH_INACTIVE``), a cut connection or a garbled line."""
+
+    def __init__(self, response: Any) -> None:
+        self._response = response
+
+    async def next(self) -> JSONObject | None:
+        while True:
+            try:
+                line = await self._response.content.readline()
+            except aiohttp.ServerTimeoutError as exc:
+                raise KubeAPIError("KUBE_WATCH_INACTIVE", "no data on the watch") from exc
+            except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+                raise _transport_error("watch pods", exc) from exc
+            if not line:
+                return None
+            if line.strip():
+                break
+        try:
+            event = json.loads(line)
+        except ValueError as exc:
+            raise KubeAPIError("KUBE_BAD_RESPONSE", "watch pods: a line is not JSON",
+                               status=200) from exc
+        if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
+            raise KubeAPIError("KUBE_BAD_RESPONSE", "watch pods: an event without an object",
+                               status=200)
+        if event.get("type") == "ERROR":
+            obj = event["object"]
+            code = obj.get("code")
+            raise _status_error("watch pods", code if isinstance(code, int) else 500, obj)
+        return event
+
+    def close(self) -> None:
+        # A half-read stream cannot go back to the pool; close its connection.
+        self._response.close()
+
+
+def _transport_error(what: str, exc: BaseException) -> KubeAPIError:
+    if isinstance(exc, ApiException):
+        return KubeAPIError("KUBE_API_ERROR", f"{what}: {exc.status} {exc.reason}",
+                            status=exc.status or 0)
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return KubeAPIError("KUBE_TIMEOUT", f"{what}: timed out")
+    return KubeAPIError("KUBE_UNREACHABLE", f"{what}: {type(exc).__name__}: "
+                        f"{str(exc)[:_MAX_DETAIL]}")
+
+
+def _status_error(what: str, status: int, body: object) -> KubeAPIError:
+    reason, message = "", ""
+    if isinstance(body, dict):
+        reason = str(body.get("reason") or "")
+        message = str(body.get("message") or "")[:_MAX_DETAIL]
+    code = "KUBE_EXPIRED" if status == 410 else "KUBE_API_ERROR"
+    return KubeAPIError(code, f"{what}: {status} {reason}: {message}".rstrip(": "),
+                        status=status, reason=reason)
