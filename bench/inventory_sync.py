@@ -204,7 +204,7 @@ def pct(values: list[float], q: float) -> float:
 async def run(args: argparse.Namespace, url: str,
               conn: multiprocessing.connection.Connection) -> dict[str, Any]:
     from identityd.inventory.base import PodRecord
-    from identityd.inventory.kube import KubeConnection
+    from identityd.kubeapi import KubeConnection
     from identityd.inventory.watch import WatchInventory, WatchSettings
 
     lags: list[float] = []

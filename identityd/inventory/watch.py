@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from identityd.errors import InventoryUnavailable
 from identityd.inventory.base import PodRecord
-from identityd.inventory.kube import KubeAPIError, KubeConnection, PodsAPI
+from identityd.kubeapi import KubeAPIError, KubeConnection, PodsAPI
 from identityd.inventory.store import DEFAULT_ANNOTATION_KEYS, PodStore, record_from_pod
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from identityd.inventory.kube import KubeConnection
+from identityd.kubeapi import KubeConnection
 from identityd.inventory.watch import WatchInventory, WatchSettings
 from tests.doubles.kube_apiserver import KubeAPIServer
 

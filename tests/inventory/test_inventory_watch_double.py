@@ -15,7 +15,7 @@ import pytest
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from identityd.inventory.kube import KubeAPIError, PodsAPI, new_api_client
+from identityd.kubeapi import KubeAPIError, PodsAPI, new_api_client
 from tests.doubles.kube_apiserver import KubeAPIServer, json_patch, merge_patch
 from tests.doubles.kube_inventory import connection_to
 from tests.doubles.kube_store import label_predicate

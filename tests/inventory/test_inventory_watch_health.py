@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from identityd.errors import InventoryUnavailable
-from identityd.inventory.kube import KubeConnection
+from identityd.kubeapi import KubeConnection
 from identityd.inventory.watch import WatchInventory, WatchMetrics, WatchSettings
 from tests.doubles.kube_apiserver import KubeAPIServer
 from tests.doubles.kube_inventory import connection_to, fast_settings, watching

@@ -1,4 +1,4 @@
-"""identityd.inventory.kube: client configuration (explicit host, kubeconfig, in-cluster)
+"""identityd.kubeapi: client configuration (explicit host, kubeconfig, in-cluster)
 and the translation of the API server's failures, against the API-server double."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from identityd.errors import ConfigError, Unavailable
-from identityd.inventory.kube import KubeAPIError, KubeConnection, PodsAPI
+from identityd.kubeapi import KubeAPIError, KubeConnection, PodsAPI
 from tests.doubles.kube_apiserver import KubeAPIServer
 
 
