@@ -23,6 +23,8 @@ from identityd.callback.pipeline import Pipeline
 from identityd.errors import ConfigError
 from identityd.inventory.base import PodInventory
 from identityd.inventory.static import StaticInventory
+from identityd.inventory.watch import WatchInventory, WatchMetrics, WatchSettings
+from identityd.kubeapi import KubeConnection
 from identityd.metrics import Metrics
 from identityd.policy.base import PolicyEngine
 from identityd.policy.embedded import EmbeddedEngine
@@ -74,19 +76,42 @@ async def start_policies(
     return reloader
 
 
-async def build_edges(settings: Settings, metrics: Metrics | None = None) -> Edges:
-    """The production or local implementation of each edge, as configured."""
+def build_inventory(settings: Settings, metrics: Metrics | None) -> PodInventory:
+    """The static file with --pods; otherwise a watch of the cluster's pods."""
+    if settings.pods is not None:
+        return StaticInventory.from_file(settings.pods)
+    cluster = settings.cluster
+    return WatchInventory(
+        KubeConnection(kubeconfig=cluster.kubeconfig, context=cluster.context),
+        WatchSettings(
+            namespaces=cluster.namespaces,
+            label_selector=cluster.pod_selector,
+            staleness_seconds=cluster.staleness_seconds,
+            resync_seconds=cluster.resync_seconds,
+        ),
+        metrics=WatchMetrics(metrics.registry) if metrics is not None else None,
+    )
+
+
+async def build_edges(
+    settings: Settings, metrics: Metrics | None = None, *, start: bool = True
+) -> Edges:
+    """The production or local implementation of each edge, as configured.
+
+    ``start=False`` builds and checks everything without starting the pod watch
+    (the supervisor's preflight, before it forks the workers)."""
     if not settings.tokens.jwks:
         raise ConfigError("CONFIG_ERROR", "--jwks is required (file path or URL)")
-    if settings.pods is None:
-        raise ConfigError("CONFIG_ERROR", "--pods is required (cluster inventory not configured)")
-    inventory = StaticInventory.from_file(settings.pods)
+    inventory = build_inventory(settings, metrics)
     engine = build_engine(settings)
     try:
         reloader = await start_policies(settings, engine, metrics)
     except BaseException:
         await engine.aclose()
+        await inventory.aclose()
         raise
+    if start and isinstance(inventory, WatchInventory):
+        await inventory.start()
     verifier = JWKSVerifier(settings.tokens)
     return Edges(verifier=verifier, inventory=inventory, engine=engine, reloader=reloader)
 

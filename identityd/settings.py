@@ -85,14 +85,29 @@ class IdentitySettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """How identityd reaches the API server and which pods it keeps (no --pods = watch)."""
+
+    kubeconfig: str | None = None  # None = in-cluster service account
+    context: str | None = None
+    namespaces: tuple[str, ...] = ()  # empty = all namespaces
+    pod_selector: str | None = None
+    # A watch down longer than this fails /readyz and callbacks get 503 (no stale allows).
+    staleness_seconds: float = 60.0
+    # Full relist this often to repair drift; 0 = never.
+    resync_seconds: float = 1800.0
+
+
+@dataclass(frozen=True)
 class Settings:
     identity: IdentitySettings = field(default_factory=IdentitySettings)
     tokens: TokenSettings = field(default_factory=TokenSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     listen: str = "127.0.0.1:8443"
     # Plain-HTTP port for probes and metrics; kubelet probes carry no client certificate.
     metrics_listen: str | None = None
-    pods: str | None = None  # static inventory file; None = watch the cluster
+    pods: str | None = None  # static inventory file; None = watch the cluster's pods
     policies: str = "policies"
     engine: str = "embedded"  # "embedded" (regopy, in-process) or "opa" (sidecar REST)
     opa_url: str = DEFAULT_OPA_URL
@@ -102,7 +117,6 @@ class Settings:
     decision_timeout_seconds: float = DEFAULT_DECISION_TIMEOUT_SECONDS
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     log_level: str = "INFO"
-
 
 
 def host_port(address: str) -> tuple[str, int]:

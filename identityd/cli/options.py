@@ -18,7 +18,13 @@ from typing import Any
 import yaml
 
 from identityd.errors import ConfigError
-from identityd.settings import IdentitySettings, Settings, TLSSettings, TokenSettings
+from identityd.settings import (
+    ClusterSettings,
+    IdentitySettings,
+    Settings,
+    TLSSettings,
+    TokenSettings,
+)
 
 ENV_PREFIX = "IDENTITYD_"
 
@@ -86,7 +92,34 @@ OPTIONS: tuple[Option, ...] = (
         int,
     ),
     Option("--token-leeway", "tokens.leeway_seconds", "clock skew tolerated, seconds", int),
-    Option("--pods", "pods", "static inventory: JSON/YAML list of Pods or a v1/PodList"),
+    Option(
+        "--pods",
+        "pods",
+        "static inventory: JSON/YAML list of Pods or a v1/PodList (unset = watch the cluster)",
+    ),
+    Option("--kubeconfig", "cluster.kubeconfig", "kubeconfig file (unset = in-cluster account)"),
+    Option("--kube-context", "cluster.context", "kubeconfig context"),
+    Option(
+        "--namespace",
+        "cluster.namespaces",
+        "watch pods in this namespace (default: all)",
+        repeat=True,
+    ),
+    Option(
+        "--pod-selector", "cluster.pod_selector", "only watch pods matching this label selector"
+    ),
+    Option(
+        "--inventory-staleness-seconds",
+        "cluster.staleness_seconds",
+        "watch down longer than this = not ready, callbacks 503",
+        float,
+    ),
+    Option(
+        "--inventory-resync-seconds",
+        "cluster.resync_seconds",
+        "full relist this often to repair drift (0 = never)",
+        float,
+    ),
     Option("--policies", "policies", "directory of Rego policies"),
     Option(
         "--engine",
@@ -183,17 +216,24 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) 
 
 def build_settings(values: Mapping[str, Any], base: Settings | None = None) -> Settings:
     settings = base or Settings()
-    sections: dict[str, dict[str, Any]] = {"identity": {}, "tokens": {}, "tls": {}, "": {}}
+    sections: dict[str, dict[str, Any]] = {
+        "identity": {},
+        "tokens": {},
+        "tls": {},
+        "cluster": {},
+        "": {},
+    }
     for target, value in values.items():
         section, _, name = target.rpartition(".")
         sections[section][name] = value
     identity: IdentitySettings = replace(settings.identity, **sections["identity"])
     tokens: TokenSettings = replace(settings.tokens, **sections["tokens"])
     tls: TLSSettings = replace(settings.tls, **sections["tls"])
+    cluster: ClusterSettings = replace(settings.cluster, **sections["cluster"])
     top = sections[""]
     if "workers" in top and top["workers"] < 1:
         raise ConfigError("CONFIG_ERROR", "--workers must be at least 1")
-    result = replace(settings, identity=identity, tokens=tokens, tls=tls, **top)
+    result = replace(settings, identity=identity, tokens=tokens, tls=tls, cluster=cluster, **top)
     if result.engine == "opa" and result.workers > 1:
         # OPA cannot swap a policy set atomically; two workers pushing could leave it
         # mixed. OPA does the evaluating anyway: scale with replicas.

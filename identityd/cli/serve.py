@@ -192,7 +192,7 @@ class Supervisor:
 
 async def _preflight(settings: Settings) -> None:
     """Build and close every edge once, so a bad configuration fails before any fork."""
-    edges = await build_edges(settings)
+    edges = await build_edges(settings, start=False)
     await edges.aclose()
     server_ssl_context(settings)
 

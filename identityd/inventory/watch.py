@@ -35,8 +35,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from identityd.errors import InventoryUnavailable
 from identityd.inventory.base import PodRecord
-from identityd.kubeapi import KubeAPIError, KubeConnection, PodsAPI
 from identityd.inventory.store import DEFAULT_ANNOTATION_KEYS, PodStore, record_from_pod
+from identityd.kubeapi import KubeAPIError, KubeConnection, PodsAPI
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,133 @@
+"""identityd with no --pods: the pod inventory is a watch of the (double) API server,
+reached through a kubeconfig, exactly as `identityd serve` builds it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from identityd.devca.workload import DevCluster
+from identityd.settings import ClusterSettings
+from tests.conftest import Pods, Service, make_settings, start_service
+from tests.doubles.kube_apiserver import KubeAPIServer
+
+
+def write_kubeconfig(path: Path, api: KubeAPIServer) -> str:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "double",
+                "clusters": [{"name": "double", "cluster": {"server": api.url}}],
+                "users": [{"name": "identityd", "user": {"token": api.token}}],
+                "contexts": [
+                    {"name": "double", "context": {"cluster": "double", "user": "identityd"}}
+                ],
+            }
+        )
+    )
+    return str(path)
+
+
+@pytest.fixture
+async def api(cluster: DevCluster, pods: Pods) -> AsyncIterator[KubeAPIServer]:
+    async with KubeAPIServer() as server:
+        for pod in (pods.api, pods.other):
+            server.add_pod(
+                pod.namespace,
+                pod.name,
+                uid=pod.uid,
+                service_account=pod.service_account,
+                ip=pod.ip,
+                node=pod.node,
+            )
+        yield server
+
+
+@pytest.fixture
+async def cluster_service(
+    api: KubeAPIServer, cluster: DevCluster, tmp_path: Path
+) -> AsyncIterator[Service]:
+    settings = make_settings(cluster, tmp_path)
+    settings = replace(
+        settings,
+        pods=None,
+        cluster=ClusterSettings(
+            kubeconfig=write_kubeconfig(tmp_path / "kubeconfig", api), staleness_seconds=60
+        ),
+    )
+    server, svc = await start_service(settings)
+    try:
+        for _ in range(200):
+            if (await svc.get("/readyz"))[0] == 200:
+                break
+            await asyncio.sleep(0.02)
+        yield svc
+    finally:
+        await svc.http.close()
+        await server.close()
+        await svc.edges.aclose()
+
+
+async def test_pods_from_the_watch_are_allowed_and_deletion_is_seen(
+    cluster_service: Service, api: KubeAPIServer, cluster: DevCluster, pods: Pods
+) -> None:
+    status, answer = await cluster_service.post("instance", cluster.confirmation(pods.api))
+    assert status == 200, answer
+    api.delete_pod(pods.api.namespace, pods.api.name)
+    for _ in range(200):
+        status, answer = await cluster_service.post("instance", cluster.confirmation(pods.api))
+        if status == 403:
+            break
+        await asyncio.sleep(0.02)
+    assert (status, answer["message"]) == (403, "POD_NOT_FOUND")
+
+
+async def test_a_pod_newer_than_the_watch_is_read_through(
+    cluster_service: Service, api: KubeAPIServer, cluster: DevCluster, pods: Pods
+) -> None:
+    with api.muted():  # the watch does not deliver it; only a GET can find it
+        fresh = cluster.add_pod("sports-web", "api-new", "api", "10.1.2.8")
+        api.add_pod(
+            fresh.namespace,
+            fresh.name,
+            uid=fresh.uid,
+            service_account="api",
+            ip=fresh.ip,
+            node=fresh.node,
+        )
+        status, answer = await cluster_service.post("instance", cluster.confirmation(fresh))
+    assert status == 200, answer
+
+
+async def test_not_ready_until_listed(
+    api: KubeAPIServer, cluster: DevCluster, tmp_path: Path, pods: Pods
+) -> None:
+    await api.pause()
+    settings = replace(
+        make_settings(cluster, tmp_path),
+        pods=None,
+        cluster=ClusterSettings(kubeconfig=write_kubeconfig(tmp_path / "kubeconfig", api)),
+    )
+    server, svc = await start_service(settings)
+    try:
+        assert (await svc.get("/readyz"))[0] == 503
+        status, answer = await svc.post("instance", cluster.confirmation(pods.api))
+        assert (status, answer["message"]) == (503, "INVENTORY_UNAVAILABLE")
+        await api.resume()
+        for _ in range(300):
+            if (await svc.get("/readyz"))[0] == 200:
+                break
+            await asyncio.sleep(0.02)
+        status, _ = await svc.post("instance", cluster.confirmation(pods.api))
+        assert status == 200
+    finally:
+        await svc.http.close()
+        await server.close()
+        await svc.edges.aclose()
