@@ -23,7 +23,10 @@ LIST_ATTRIBUTES = ("sanDNS", "sanIP", "sanURI")
 MAX_ATTRIBUTES = 64
 MAX_NAME_CHARS = 256  # provider, domain, service
 MAX_ATTRIBUTE_CHARS = 4096  # any attribute but csr
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0/C1 controls (NUL included) and lone surrogates, as the token claims refuse them:
+# a lone surrogate passes json.loads but cannot be encoded to UTF-8 further on, and
+# an unchecked attribute carrying one was echoed back in an allow.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
