@@ -12,6 +12,7 @@ from identityd.callback.http import (
     ALLOWED_CLIENTS_KEY,
     ENGINE_KEY,
     INVENTORY_KEY,
+    LIMITER_KEY,
     LOG_KEY,
     MAX_BODY_KEY,
     METRICS_KEY,
@@ -19,6 +20,7 @@ from identityd.callback.http import (
     add_routes,
     error_middleware,
 )
+from identityd.callback.limits import Limiter, limits_middleware
 from identityd.callback.pipeline import Pipeline
 from identityd.errors import ConfigError
 from identityd.inventory.base import PodInventory
@@ -126,8 +128,12 @@ def create_app(
 ) -> web.Application:
     """The aiohttp application. ``callback=False`` serves only probes and metrics."""
     metrics = metrics or Metrics()
+    limiter = Limiter(
+        settings.limits, on_refuse=lambda code: metrics.reasons.labels(code=code).inc()
+    )
     app = web.Application(
-        middlewares=[error_middleware],
+        # Rate limits only; the decision slot is held inside the handler (see http.py).
+        middlewares=[error_middleware, limits_middleware(limiter, gate=False)],
         # The handler enforces the limit itself (413); this is the backstop.
         client_max_size=settings.max_body_bytes + 1,
     )
@@ -143,6 +149,7 @@ def create_app(
     app[ENGINE_KEY] = edges.engine
     app[MAX_BODY_KEY] = settings.max_body_bytes
     app[ALLOWED_CLIENTS_KEY] = frozenset(settings.tls.allowed_clients)
+    app[LIMITER_KEY] = limiter
     add_routes(app, callback=callback)
     return app
 

@@ -39,6 +39,22 @@ MAX_SAN_ENTRIES = 32
 DEFAULT_POLICY_RELOAD_SECONDS = 2.0
 DEFAULT_OPA_URL = "http://127.0.0.1:8181"
 
+# Callback limits.
+# Per client and per worker process. Generous: a single CA (one mTLS identity)
+# may legitimately send the whole load; this stops a runaway, not normal traffic.
+DEFAULT_CLIENT_RATE_PER_SECOND = 1000.0
+DEFAULT_CLIENT_BURST = 2000
+# Buckets kept; the least recently seen client is forgotten first (memory bound
+# under a flood of source addresses; a forgotten client starts with a full bucket).
+DEFAULT_MAX_CLIENTS = 10_000
+# Decisions evaluated at once per worker; more wait in the queue.
+DEFAULT_MAX_IN_FLIGHT = 128
+# Requests waiting for a slot; beyond this identityd answers 503 at once.
+DEFAULT_MAX_QUEUED = 1024
+# Longest wait for a slot: equal to the decision timeout, far inside the CA's 30 s.
+DEFAULT_QUEUE_TIMEOUT_SECONDS = 2.0
+LIMITED_PATHS = ("/instance", "/refresh")
+
 # Certificates.
 DEFAULT_CERT_EXPIRY_MINUTES = 60 * 24
 MIN_RSA_BITS = 2048
@@ -85,6 +101,34 @@ class IdentitySettings:
 
 
 @dataclass(frozen=True)
+class LimitSettings:
+    """``rate_per_second`` 0 switches per-client limiting off; the gate always applies."""
+
+    rate_per_second: float = DEFAULT_CLIENT_RATE_PER_SECOND
+    burst: int = DEFAULT_CLIENT_BURST
+    max_clients: int = DEFAULT_MAX_CLIENTS
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    max_queued: int = DEFAULT_MAX_QUEUED
+    queue_timeout_seconds: float = DEFAULT_QUEUE_TIMEOUT_SECONDS
+    paths: tuple[str, ...] = LIMITED_PATHS
+
+    def __post_init__(self) -> None:
+        if self.rate_per_second < 0:
+            raise ValueError(f"rate_per_second: must not be negative, got {self.rate_per_second}")
+        if self.rate_per_second > 0 and self.burst < 1:
+            raise ValueError(f"burst: must be at least 1, got {self.burst}")
+        for name in ("max_clients", "max_in_flight"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.max_queued < 0:
+            raise ValueError(f"max_queued: must not be negative, got {self.max_queued}")
+        if self.queue_timeout_seconds <= 0:
+            raise ValueError(
+                f"queue_timeout_seconds: must be positive, got {self.queue_timeout_seconds}"
+            )
+
+
+@dataclass(frozen=True)
 class ClusterSettings:
     """How identityd reaches the API server and which pods it keeps (no --pods = watch)."""
 
@@ -104,6 +148,7 @@ class Settings:
     tokens: TokenSettings = field(default_factory=TokenSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
     listen: str = "127.0.0.1:8443"
     # Plain-HTTP port for probes and metrics; kubelet probes carry no client certificate.
     metrics_listen: str | None = None

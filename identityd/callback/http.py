@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from identityd.callback.decision_log import DecisionLog, DecisionRecord
+from identityd.callback.limits import Limiter
 from identityd.callback.pipeline import Outcome, Pipeline
 from identityd.errors import (
     BadRequest,
@@ -46,6 +47,7 @@ ENGINE_KEY = web.AppKey("engine", PolicyEngine)
 MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
 ALLOWED_CLIENTS_KEY = web.AppKey("allowed_clients", frozenset)
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
+LIMITER_KEY = web.AppKey("limiter", Limiter)
 
 
 def error_body(status: int, message: str) -> web.Response:
@@ -132,6 +134,9 @@ async def read_body(request: web.Request, limit: int) -> bytes:
                 body.extend(chunk)
                 if len(body) > limit:
                     raise PayloadTooLarge("BODY_TOO_LARGE", f"more than {limit} bytes")
+    except web.RequestPayloadError:
+        # e.g. Content-Encoding: gzip over bytes that are not gzip
+        raise BadRequest("BAD_BODY", "the body could not be read") from None
     except TimeoutError:
         raise BadRequest(
             "BODY_TIMEOUT", f"body not received within {BODY_READ_TIMEOUT_SECONDS}s"
@@ -178,7 +183,9 @@ def callback_handler(kind: str) -> Handler:
         try:
             check_client(request)
             body = await read_body(request, app[MAX_BODY_KEY])
-            outcome = await app[PIPELINE_KEY].run(kind, body, record)
+            # Only the decision holds a slot: a slow body must not starve the others.
+            async with app[LIMITER_KEY].decision_slot():
+                outcome = await app[PIPELINE_KEY].run(kind, body, record)
             response = allow_response(outcome)
             record.decision, record.status = "allow", 200
         except IdentitydError as exc:

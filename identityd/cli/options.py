@@ -21,6 +21,7 @@ from identityd.errors import ConfigError
 from identityd.settings import (
     ClusterSettings,
     IdentitySettings,
+    LimitSettings,
     Settings,
     TLSSettings,
     TokenSettings,
@@ -138,6 +139,29 @@ OPTIONS: tuple[Option, ...] = (
         "--decision-timeout", "decision_timeout_seconds", "policy decision timeout, seconds", float
     ),
     Option("--max-body-bytes", "max_body_bytes", "largest callback body accepted", int),
+    Option(
+        "--client-rate",
+        "limits.rate_per_second",
+        "callbacks per second one client (CN or address) may send per worker (0 = no limit)",
+        float,
+    ),
+    Option("--client-burst", "limits.burst", "burst allowed above --client-rate", int),
+    Option("--max-clients", "limits.max_clients", "clients whose rate is tracked (LRU)", int),
+    Option(
+        "--max-in-flight", "limits.max_in_flight", "decisions evaluated at once per worker", int
+    ),
+    Option(
+        "--max-queued",
+        "limits.max_queued",
+        "callbacks waiting for a decision slot; beyond it 503 OVERLOADED",
+        int,
+    ),
+    Option(
+        "--queue-timeout",
+        "limits.queue_timeout_seconds",
+        "longest wait for a decision slot, seconds (then 503 OVERLOADED)",
+        float,
+    ),
     Option("--tls-cert", "tls.cert", "server certificate chain (PEM)"),
     Option("--tls-key", "tls.key", "server private key (PEM)"),
     Option("--client-ca", "tls.client_ca", "CA bundle for client certificates (requires one)"),
@@ -221,6 +245,7 @@ def build_settings(values: Mapping[str, Any], base: Settings | None = None) -> S
         "tokens": {},
         "tls": {},
         "cluster": {},
+        "limits": {},
         "": {},
     }
     for target, value in values.items():
@@ -230,10 +255,16 @@ def build_settings(values: Mapping[str, Any], base: Settings | None = None) -> S
     tokens: TokenSettings = replace(settings.tokens, **sections["tokens"])
     tls: TLSSettings = replace(settings.tls, **sections["tls"])
     cluster: ClusterSettings = replace(settings.cluster, **sections["cluster"])
+    try:
+        limits: LimitSettings = replace(settings.limits, **sections["limits"])
+    except ValueError as exc:
+        raise ConfigError("CONFIG_ERROR", str(exc)) from exc
     top = sections[""]
     if "workers" in top and top["workers"] < 1:
         raise ConfigError("CONFIG_ERROR", "--workers must be at least 1")
-    result = replace(settings, identity=identity, tokens=tokens, tls=tls, cluster=cluster, **top)
+    result = replace(
+        settings, identity=identity, tokens=tokens, tls=tls, cluster=cluster, limits=limits, **top
+    )
     if result.engine == "opa" and result.workers > 1:
         # OPA cannot swap a policy set atomically; two workers pushing could leave it
         # mixed. OPA does the evaluating anyway: scale with replicas.

@@ -211,6 +211,19 @@ def serve(settings: Settings) -> int:
     return Supervisor(settings, sock, metrics_sock).run()
 
 
+class _NoRequestDump(logging.Filter):
+    """aiohttp logs a request it cannot parse with the raw bytes in the exception,
+    which can hold a bearer token or a CSR: keep the exception's type only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.getMessage()} ({type(record.exc_info[1]).__name__})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def configure_logging(level: str, stream_names: Sequence[str] = ("identityd.decision",)) -> None:
     """Human logs to stderr; decision records as bare JSON lines to stdout."""
     root = logging.getLogger()
@@ -220,6 +233,8 @@ def configure_logging(level: str, stream_names: Sequence[str] = ("identityd.deci
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
+    for name in ("aiohttp.server", "aiohttp.web", "aiohttp.access"):
+        logging.getLogger(name).addFilter(_NoRequestDump())
     for name in stream_names:
         decision = logging.getLogger(name)
         out = logging.StreamHandler(sys.stdout)

@@ -799,8 +799,6 @@ def protocol_abuse() -> Iterator[Case]:
             data=_legit_bytes(w),
             headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
         ),
-        gap="callback/http.py read_body: aiohttp's RequestPayloadError escapes to the "
-        "catch-all (503 INTERNAL_ERROR and a logged traceback) instead of a 400",
     )
 
     # Framing lies: refused by the HTTP parser or cut off by the body timeout.

@@ -47,8 +47,10 @@ def _genuine_parts(w: World) -> list[str]:
 
 
 def _flip_last_char(segment: str) -> str:
+    # A 256-byte RS256 signature leaves 4 spare bits in its last base64url char, so
+    # only A, Q, g and w are canonical there: stay canonical, change the signature.
     last = segment[-1]
-    return segment[:-1] + ("A" if last != "A" else "B")
+    return segment[:-1] + ("A" if last != "A" else "Q")
 
 
 def _hmac_token(w: World, choice: tuple[str, Callable[[World], bytes]]) -> str:

@@ -105,7 +105,6 @@ def _send(port: int, message: bytes) -> bytes:
     return b"".join(chunks)
 
 
-@pytest.mark.xfail(strict=True, reason=LOG_FIX)
 def test_framing_errors_never_log_the_token(
     served: tuple[subprocess.Popen[bytes], int, DevCluster],
 ) -> None:
