@@ -6,7 +6,7 @@ documented REST/watch wire format to the real ``kubernetes_asyncio`` client.
         connection = KubeConnection(host=api.url, token=api.token)
         ...
 
-Served (for every resource in ``RESOURCES``; pods and configmaps today):
+Served (for every resource in ``RESOURCES``; pods, configmaps and leases today):
 
 - ``GET {prefix}/{plural}`` and ``{prefix}/namespaces/{ns}/{plural}``: a list with
   ``metadata.resourceVersion``; ``limit``/``continue`` paging (each page a consistent
@@ -22,6 +22,18 @@ Served (for every resource in ``RESOURCES``; pods and configmaps today):
 - ``PATCH`` on configmaps: merge-patch, strategic-merge-patch (the same for a
   ConfigMap) and JSON patch; ``metadata.resourceVersion`` in a merge patch is a
   precondition (409 Conflict when stale).
+- ``POST`` and ``PUT`` on leases (``coordination.k8s.io/v1``): create (201; 409
+  AlreadyExists) and replace (404 when missing; a stale ``metadata.resourceVersion`` is
+  409 Conflict).
+- ``POST /api/v1/namespaces/{ns}/serviceaccounts/{sa}/token`` (TokenRequest: audiences,
+  expirationSeconds, boundObjectRef to a Pod) signs a bound token in the claim format of
+  the real API server; ``POST /apis/authentication.k8s.io/v1/tokenreviews`` authenticates
+  one as the real TokenReview does (audiences intersected, bound pod checked);
+  ``GET /.well-known/openid-configuration`` and ``GET /openid/v1/jwks`` publish the keys.
+  :attr:`KubeAPIServer.tokens` (a :class:`~tests.doubles.kube_store.TokenAuthority`) holds
+  the signing keys and the test controls: ``tokens.rotate()``, ``tokens.clock``,
+  ``tokens.ignore_audiences``, ``tokens.tamper``. A slow or failing TokenReview is
+  ``set_delay(s, path="tokenreviews")`` / ``fail_next(path="tokenreviews")``.
 
 Every request needs ``Authorization: Bearer <token>`` (401 Status otherwise) and is
 recorded in :attr:`KubeAPIServer.requests`, so tests can check what the client sent.
@@ -54,11 +66,15 @@ from typing import Any, Self
 from aiohttp import web
 
 from tests.doubles.kube_store import (
+    DEFAULT_ISSUER,
     JSON,
+    LEASES,
     Expired,
     ObjectStore,
     Predicate,
     Resource,
+    TokenAuthority,
+    TokenRefused,
     Watcher,
     event_line,
     field_predicate,
@@ -69,8 +85,9 @@ from tests.doubles.kube_store import (
 
 PODS = Resource("pods", "Pod")
 CONFIGMAPS = Resource("configmaps", "ConfigMap")
-RESOURCES: dict[str, Resource] = {r.plural: r for r in (PODS, CONFIGMAPS)}
+RESOURCES: dict[str, Resource] = {r.plural: r for r in (PODS, CONFIGMAPS, LEASES)}
 PATCHABLE = frozenset({"configmaps"})
+WRITABLE = frozenset({"leases"})  # create (POST) and replace (PUT): see "create and replace"
 
 _MERGE_PATCH = ("application/merge-patch+json", "application/strategic-merge-patch+json")
 _JSON_PATCH = "application/json-patch+json"
@@ -200,8 +217,12 @@ class KubeAPIServer:
         bookmark_interval: float | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        issuer: str = DEFAULT_ISSUER,
     ) -> None:
         self.store = ObjectStore(history=history)
+        self.tokens = TokenAuthority(self.store, issuer)
+        # The peer (host, port) of each TokenReview: shows whether connections are reused.
+        self.review_peers: list[Any] = []
         self.token = token
         self.requests: list[Recorded] = []
         self.bookmark_interval = bookmark_interval
@@ -261,6 +282,14 @@ class KubeAPIServer:
             app.router.add_get(f"{collection}/{{name}}", self._bind(self._get, resource))
             if resource.plural in PATCHABLE:
                 app.router.add_patch(f"{collection}/{{name}}", self._bind(self._patch, resource))
+            if resource.plural in WRITABLE:
+                app.router.add_post(collection, self._bind(self._create, resource))
+                app.router.add_put(f"{collection}/{{name}}", self._bind(self._replace, resource))
+        app.router.add_post("/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token",
+                            self._token_request)
+        app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
+        app.router.add_get("/.well-known/openid-configuration", self._openid_configuration)
+        app.router.add_get("/openid/v1/jwks", self._openid_jwks)
 
     @staticmethod
     def _bind(
@@ -495,6 +524,96 @@ class KubeAPIServer:
         meta.pop("resourceVersion", None)
         return web.json_response(self.store.put(resource.plural, updated))
 
+    # -- create and replace (Leases, for leader election) -------------------------------------
+
+    async def _create(self, request: web.Request, resource: Resource) -> web.StreamResponse:
+        """POST: 201 with the object as stored; 409 AlreadyExists when the name is taken."""
+        namespace = request.match_info["namespace"]
+        obj = await _object_body(request, resource)
+        if isinstance(obj, web.Response):
+            return obj
+        meta = obj.setdefault("metadata", {})
+        name = meta.get("name")
+        if not isinstance(name, str) or not name:
+            return status_response(422, "Invalid", "metadata.name: Required value")
+        if meta.setdefault("namespace", namespace) != namespace:
+            return status_response(400, "BadRequest", "the namespace of the provided object "
+                                   "does not match the namespace sent on the request")
+        if self.store.get(resource.plural, namespace, name) is not None:
+            return status_response(409, "AlreadyExists", f'{resource.plural} "{name}" already '
+                                   "exists", name=name, kind=resource.plural)
+        meta.pop("resourceVersion", None)
+        return web.json_response(self.store.put(resource.plural, obj), status=201)
+
+    async def _replace(self, request: web.Request, resource: Resource) -> web.StreamResponse:
+        """PUT: the whole object. A ``metadata.resourceVersion`` other than the current one
+        is 409 Conflict (optimistic concurrency); none is an unconditional update."""
+        namespace, name = request.match_info["namespace"], request.match_info["name"]
+        obj = await _object_body(request, resource)
+        if isinstance(obj, web.Response):
+            return obj
+        current = self.store.get(resource.plural, namespace, name)
+        if current is None:
+            return _not_found(resource, name)
+        meta = obj.setdefault("metadata", {})
+        if meta.setdefault("name", name) != name or meta.setdefault("namespace",
+                                                                    namespace) != namespace:
+            return status_response(400, "BadRequest", "the name or namespace of the provided "
+                                   "object does not match the request")
+        wanted_rv = meta.pop("resourceVersion", None)
+        if wanted_rv and wanted_rv != current["metadata"]["resourceVersion"]:
+            return status_response(
+                409, "Conflict", f'Operation cannot be fulfilled on {resource.plural} '
+                f'"{name}": the object has been modified; please apply your changes to the '
+                "latest version and try again", name=name, kind=resource.plural)
+        meta["uid"] = current["metadata"]["uid"]
+        return web.json_response(self.store.put(resource.plural, obj))
+
+    # -- service-account tokens ---------------------------------------------------------------
+
+    async def _token_request(self, request: web.Request) -> web.StreamResponse:
+        namespace, account = request.match_info["namespace"], request.match_info["name"]
+        body = await _json_body(request)
+        if not isinstance(body, dict):
+            return status_response(400, "BadRequest", "the body is not a TokenRequest")
+        spec = body.get("spec") or {}
+        try:
+            answer = self.tokens.request_token(namespace, account, spec)
+        except TokenRefused as exc:
+            return status_response(exc.code, exc.reason, exc.message, name=account,
+                                   kind="serviceaccounts")
+        return web.json_response(
+            {"kind": "TokenRequest", "apiVersion": _AUTHN_V1,
+             "metadata": {"name": account, "namespace": namespace, "creationTimestamp": None},
+             **answer}, status=201)
+
+    async def _token_review(self, request: web.Request) -> web.StreamResponse:
+        self.review_peers.append(request.transport.get_extra_info("peername")
+                                 if request.transport is not None else None)
+        body = await _json_body(request)
+        spec = body.get("spec") if isinstance(body, dict) else None
+        if not isinstance(spec, dict) or not isinstance(spec.get("token"), str) \
+                or not spec["token"]:
+            return status_response(400, "BadRequest",
+                                   "token is required for TokenReview in authentication")
+        token, audiences = spec["token"], spec.get("audiences") or []
+        if not isinstance(audiences, list) or not all(isinstance(a, str) for a in audiences):
+            return status_response(400, "BadRequest", "spec.audiences: not a list of strings")
+        status = self.tokens.review(token, audiences)
+        # The real API server echoes the spec, token included.
+        return web.json_response(
+            {"kind": "TokenReview", "apiVersion": _AUTHN_V1,
+             "metadata": {"creationTimestamp": None}, "spec": spec, "status": status},
+            status=201)
+
+    async def _openid_configuration(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self.tokens.discovery(self.url),
+                                 headers={"Cache-Control": "public, max-age=3600"})
+
+    async def _openid_jwks(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self.tokens.jwks(), content_type="application/jwk-set+json",
+                                 headers={"Cache-Control": "public, max-age=3600"})
+
     # -- test controls: objects ---------------------------------------------------------------
 
     def put(self, resource: str, obj: Mapping[str, Any]) -> JSON:
@@ -608,6 +727,30 @@ class KubeAPIServer:
         """Listen again on the same port."""
         if self._site is None:
             await self._listen()
+
+
+_AUTHN_V1 = "authentication.k8s.io/v1"
+
+
+async def _json_body(request: web.Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        return None
+
+
+async def _object_body(request: web.Request, resource: Resource) -> JSON | web.Response:
+    """The JSON object of a create or replace, with apiVersion and kind filled in; or the
+    400 Status to answer."""
+    try:
+        obj = await request.json()
+    except ValueError:
+        return status_response(400, "BadRequest", "invalid JSON in the request body")
+    if not isinstance(obj, dict) or not isinstance(obj.get("metadata", {}), dict):
+        return status_response(400, "BadRequest", f"the body is not a {resource.kind}")
+    obj.setdefault("apiVersion", resource.group_version)
+    obj.setdefault("kind", resource.kind)
+    return obj
 
 
 def _not_found(resource: Resource, name: str) -> web.Response:

@@ -7,8 +7,8 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from identityd.kubeapi import KubeConnection
 from identityd.inventory.watch import WatchInventory, WatchSettings
+from identityd.kubeapi import KubeConnection
 from tests.doubles.kube_apiserver import KubeAPIServer
 
 # Milliseconds, not the production seconds: the tests wait on these.

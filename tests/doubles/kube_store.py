@@ -21,12 +21,17 @@ import copy
 import heapq
 import json
 import re
+import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+import jwt
+
+from identityd.keys.issuer import TokenIssuer
 
 JSON = dict[str, Any]
 Key = tuple[str, str]  # (namespace, name); namespace "" for cluster-scoped objects
@@ -57,6 +62,11 @@ class Resource:
     @property
     def list_kind(self) -> str:
         return f"{self.kind}List"
+
+
+# Leader election's Lease (namespaced): served with GET, create (POST) and replace (PUT,
+# ``metadata.resourceVersion`` a precondition) by the API-server double.
+LEASES = Resource("leases", "Lease", "coordination.k8s.io/v1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,3 +339,261 @@ def field_predicate(selector: str) -> Predicate:
         return True
 
     return matches
+
+
+# -- service-account tokens: what TokenRequest, TokenReview and the OIDC endpoints serve ---------
+
+DEFAULT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+# go-jose's jwt.DefaultLeeway: the API server checks token times, and "deleted before now",
+# with this much slack.
+TOKEN_LEEWAY_SECONDS = 60
+MIN_TOKEN_SECONDS = 600  # TokenRequest refuses less than 10 minutes
+MAX_TOKEN_SECONDS = 2**32
+DEFAULT_TOKEN_SECONDS = 3600
+EXTRA = "authentication.kubernetes.io/"
+_INVALIDATED = "service account token has been invalidated"
+
+
+class TokenRefused(Exception):
+    """A TokenRequest the API server refuses: the Status it answers with."""
+
+    def __init__(self, code: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.reason, self.message = code, reason, message
+
+
+class TokenAuthority:
+    """The API server's service-account token signer and authenticator, over the store's pods.
+
+    Signs bound tokens with a :class:`TokenIssuer` (made on first use: RSA keys take a
+    while), in the claim format of ``pkg/serviceaccount/claims.go``, and authenticates
+    them as the TokenReview API does: issuer, signature (any key still published), the
+    audiences intersected with the requested ones, times with the API server's 60 s
+    leeway, and the bound pod (gone, deleted more than 60 s ago, or another uid:
+    invalidated). Service accounts are implicit: every name exists, with a uid that is
+    stable per namespace/name. ``clock`` is the API server's wall clock (tests move it).
+
+    Test controls: :meth:`rotate`, :attr:`ignore_audiences` (answer as an API server that
+    authenticates against its own audiences, not the requested ones), :attr:`tamper`
+    (edit each TokenReview status before it is sent, to play a lying API server).
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        issuer: str = DEFAULT_ISSUER,
+        *,
+        api_audiences: Sequence[str] | None = None,
+        key_type: str = "RSA",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.issuer = issuer
+        self.api_audiences = list(api_audiences or [issuer])
+        self.clock = clock
+        self.ignore_audiences = False
+        self.tamper: Callable[[JSON], None] | None = None
+        self._key_type = key_type
+        self._signer: TokenIssuer | None = None
+
+    @property
+    def signer(self) -> TokenIssuer:
+        if self._signer is None:
+            self._signer = TokenIssuer(self.issuer, key_type=self._key_type)
+        return self._signer
+
+    def rotate(self, *, keep_old: bool = True) -> str:
+        """Sign with a new key from now on; the old one stays published unless
+        ``keep_old=False`` (its tokens then fail). Returns the new kid."""
+        kid = self.signer.rotate()
+        if not keep_old:
+            self.signer.drop_old()
+        return kid
+
+    def jwks(self) -> JSON:
+        return dict(self.signer.jwks())
+
+    def discovery(self, base_url: str) -> JSON:
+        """``/.well-known/openid-configuration`` as the API server writes it."""
+        return {"issuer": self.issuer, "jwks_uri": f"{base_url}/openid/v1/jwks",
+                "response_types_supported": ["id_token"],
+                "subject_types_supported": ["public"],
+                "id_token_signing_alg_values_supported": [self.signer.alg]}
+
+    def account_uid(self, namespace: str, name: str) -> str:
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.issuer}/sa/{namespace}/{name}"))
+
+    def node_uid(self, name: str) -> str:
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.issuer}/node/{name}"))
+
+    # -- TokenRequest ---------------------------------------------------------------------------
+
+    def request_token(self, namespace: str, account: str, spec: Mapping[str, Any]) -> JSON:
+        """The ``spec`` and ``status`` of an answered TokenRequest; TokenRefused otherwise."""
+        audiences = spec.get("audiences") or self.api_audiences
+        if not isinstance(audiences, list) or not all(isinstance(a, str) and a
+                                                      for a in audiences):
+            raise TokenRefused(422, "Invalid", "spec.audiences: Invalid value: must be a "
+                               "list of non-empty strings")
+        seconds = spec.get("expirationSeconds", DEFAULT_TOKEN_SECONDS)
+        if isinstance(seconds, bool) or not isinstance(seconds, int):
+            raise TokenRefused(400, "BadRequest", "spec.expirationSeconds: not an integer")
+        if seconds < MIN_TOKEN_SECONDS:
+            raise TokenRefused(422, "Invalid", f"spec.expirationSeconds: Invalid value: "
+                               f"{seconds}: may not specify a duration less than 10 minutes")
+        if seconds > MAX_TOKEN_SECONDS:
+            raise TokenRefused(422, "Invalid", f"spec.expirationSeconds: Invalid value: "
+                               f"{seconds}: may not specify a duration larger than 2^32 seconds")
+        ref = spec.get("boundObjectRef")
+        now = int(self.clock())
+        args: dict[str, Any] = {"audiences": audiences, "now": now, "lifetime": seconds,
+                                "sa_uid": self.account_uid(namespace, account)}
+        if ref:
+            pod = self._bound_pod(namespace, account, ref)
+            meta = pod["metadata"]
+            node = pod.get("spec", {}).get("nodeName")
+            if node:
+                args |= {"node_name": node, "node_uid": self.node_uid(node)}
+            token = self.signer.mint(namespace, account, meta["name"], meta["uid"], **args)
+        else:  # not bound to an object: only namespace and service account
+            unbound = {"namespace": namespace, "serviceaccount": {
+                "name": account, "uid": args["sa_uid"]}}
+            token = self.signer.mint(namespace, account, "-", "-", **args,
+                                     claims_override={"kubernetes.io": unbound})
+        expires = datetime.fromtimestamp(now + seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        answered: JSON = {"audiences": audiences, "expirationSeconds": seconds}
+        if ref:
+            answered["boundObjectRef"] = dict(ref)
+        return {"spec": answered, "status": {"token": token, "expirationTimestamp": expires}}
+
+    def _bound_pod(self, namespace: str, account: str, ref: object) -> JSON:
+        if not isinstance(ref, Mapping):
+            raise TokenRefused(400, "BadRequest", "spec.boundObjectRef: not an object")
+        kind, name = ref.get("kind"), ref.get("name")
+        if kind != "Pod":  # Secret and Node bindings exist too; the double has neither
+            raise TokenRefused(400, "BadRequest", f"cannot bind token for serviceaccount "
+                               f"{account!r} to object of type {kind!r}")
+        pod = self.store.get("pods", namespace, name) if isinstance(name, str) else None
+        if pod is None:
+            raise TokenRefused(404, "NotFound", f'pods "{name}" not found')
+        if pod.get("spec", {}).get("serviceAccountName") != account:
+            raise TokenRefused(400, "BadRequest", f'cannot bind token for serviceaccount '
+                               f'"{account}" to pod running with different serviceaccount name.')
+        uid = ref.get("uid")
+        if uid and uid != pod["metadata"]["uid"]:
+            raise TokenRefused(409, "Conflict", f'Operation cannot be fulfilled on Pod "{name}": '
+                               f"the UID in the bound object reference ({uid}) does not match "
+                               "the UID in record. The object might have been deleted and then "
+                               "recreated")
+        return pod
+
+    # -- TokenReview ----------------------------------------------------------------------------
+
+    def review(self, token: str, audiences: Sequence[str]) -> JSON:
+        """The ``status`` of a TokenReview of ``token`` for ``audiences`` (empty: the API
+        server's own), as ``pkg/registry/authentication/tokenreview`` fills it."""
+        requested = list(self.api_audiences if self.ignore_audiences or not audiences
+                         else audiences)
+        try:
+            user, granted = self._authenticate(token, requested)
+        except _NotAuthenticated as exc:
+            status: JSON = {"user": {}, "error": str(exc)}
+        else:
+            status = {"authenticated": True, "user": user, "audiences": granted}
+        if self.tamper is not None:
+            self.tamper(status)
+        return status
+
+    def _authenticate(self, token: str, requested: list[str]) -> tuple[JSON, list[str]]:
+        try:
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            unverified = None
+        if not isinstance(unverified, dict) or unverified.get("iss") != self.issuer:
+            raise _NotAuthenticated("invalid bearer token")  # not ours: no authenticator
+        claims = self._signed_claims(token)
+        audience = claims.get("aud")
+        token_auds = [audience] if isinstance(audience, str) else list(audience or [])
+        granted = [a for a in token_auds if a in requested]
+        if not granted:
+            raise _NotAuthenticated(f"[invalid bearer token, token audiences {_go_q(token_auds)} "
+                                    f"is invalid for the target audiences {_go_q(requested)}]")
+        now = self.clock()
+        if now > claims.get("exp", 0) + TOKEN_LEEWAY_SECONDS:
+            raise _NotAuthenticated("[invalid bearer token, service account token has expired]")
+        if now < claims.get("nbf", 0) - TOKEN_LEEWAY_SECONDS:
+            raise _NotAuthenticated("[invalid bearer token, service account token is not "
+                                    "valid yet]")
+        k8s = claims.get("kubernetes.io") or {}
+        namespace = k8s.get("namespace", "")
+        account = k8s.get("serviceaccount") or {}
+        if account.get("uid") != self.account_uid(namespace, account.get("name", "")):
+            raise _NotAuthenticated(f"[invalid bearer token, service account UID does not "
+                                    f"match claim ({account.get('uid')})]")
+        extra: dict[str, list[str]] = {}
+        pod_ref = k8s.get("pod")
+        if pod_ref:
+            pod = self.store.get("pods", namespace, pod_ref.get("name", ""))
+            if pod is None or _deleted_before(pod, now - TOKEN_LEEWAY_SECONDS):
+                raise _NotAuthenticated(f"[invalid bearer token, {_INVALIDATED}]")
+            if pod["metadata"]["uid"] != pod_ref.get("uid"):
+                raise _NotAuthenticated(
+                    f"[invalid bearer token, pod UID ({pod['metadata']['uid']}) does not match "
+                    f"service account pod ref claim ({pod_ref.get('uid')})]")
+            extra[EXTRA + "pod-name"] = [pod_ref["name"]]
+            extra[EXTRA + "pod-uid"] = [pod_ref["uid"]]
+        if claims.get("jti"):
+            extra[EXTRA + "credential-id"] = [f"JTI={claims['jti']}"]
+        node = k8s.get("node")
+        if node:  # ServiceAccountTokenPodNodeInfo (beta 1.30, GA 1.32)
+            extra[EXTRA + "node-name"] = [node["name"]]
+            if node.get("uid"):
+                extra[EXTRA + "node-uid"] = [node["uid"]]
+        user: JSON = {
+            "username": f"system:serviceaccount:{namespace}:{account.get('name', '')}",
+            "uid": account["uid"],
+            "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}",
+                       "system:authenticated"],
+        }
+        if extra:
+            user["extra"] = extra
+        return user, granted
+
+    def _signed_claims(self, token: str) -> JSON:
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.PyJWTError as exc:
+            raise _NotAuthenticated("invalid bearer token") from exc
+        keys = [key for key in self.jwks()["keys"] if not kid or key.get("kid") == kid]
+        if not keys:
+            raise _NotAuthenticated("[invalid bearer token, invalid signature, no keys found]")
+        for key in keys:
+            try:
+                claims: JSON = jwt.decode(token, jwt.PyJWK(key).key, algorithms=[key["alg"]],
+                                          options=_SIGNATURE_ONLY)
+            except jwt.PyJWTError:
+                continue
+            return claims
+        raise _NotAuthenticated("[invalid bearer token, square/go-jose: error in cryptographic "
+                                "primitive]")
+
+
+class _NotAuthenticated(Exception):
+    """``status.error`` of a TokenReview that did not authenticate."""
+
+
+_SIGNATURE_ONLY: Any = {"verify_signature": True, "verify_exp": False, "verify_nbf": False,
+                        "verify_iat": False, "verify_aud": False, "verify_iss": False}
+
+
+def _deleted_before(obj: JSON, cutoff: float) -> bool:
+    stamp = obj.get("metadata", {}).get("deletionTimestamp")
+    if not stamp:
+        return False
+    deleted = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+    return deleted < cutoff
+
+
+def _go_q(values: Sequence[str]) -> str:
+    """A string slice as Go's ``%q`` prints it: ``["a" "b"]``."""
+    return "[" + " ".join(json.dumps(v) for v in values) + "]"
