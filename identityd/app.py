@@ -35,6 +35,7 @@ from identityd.policy.reload import DirectorySource, PolicyReloader, ReloadOutco
 from identityd.settings import DEFAULT_POLICY_RELOAD_SECONDS, Settings
 from identityd.tokens.base import TokenVerifier
 from identityd.tokens.jwks import JWKSVerifier
+from identityd.tokens.tokenreview import TokenReviewMetrics, TokenReviewVerifier, cluster_key_source
 
 
 @dataclass
@@ -78,13 +79,39 @@ async def start_policies(
     return reloader
 
 
+def kube_connection(settings: Settings) -> KubeConnection:
+    return KubeConnection(kubeconfig=settings.cluster.kubeconfig, context=settings.cluster.context)
+
+
+async def build_verifier(settings: Settings, metrics: Metrics | None) -> TokenVerifier:
+    """TokenReview; or JWKS from --jwks; or, in a cluster, JWKS from the API server."""
+    tokens = settings.tokens
+    if tokens.mode == "tokenreview":
+        return await TokenReviewVerifier.connect(
+            tokens,
+            kube_connection(settings),
+            timeout=tokens.review_timeout_seconds,
+            cache_seconds=tokens.review_cache_seconds,
+            metrics=TokenReviewMetrics(metrics.registry) if metrics is not None else None,
+        )
+    if tokens.jwks:
+        return JWKSVerifier(tokens)
+    source = await cluster_key_source(
+        kube_connection(settings),
+        discovery=tokens.jwks_discovery,
+        issuer=tokens.issuer,
+        fetch_timeout=tokens.fetch_timeout_seconds,
+    )
+    return JWKSVerifier(tokens, source=source)
+
+
 def build_inventory(settings: Settings, metrics: Metrics | None) -> PodInventory:
     """The static file with --pods; otherwise a watch of the cluster's pods."""
     if settings.pods is not None:
         return StaticInventory.from_file(settings.pods)
     cluster = settings.cluster
     return WatchInventory(
-        KubeConnection(kubeconfig=cluster.kubeconfig, context=cluster.context),
+        kube_connection(settings),
         WatchSettings(
             namespaces=cluster.namespaces,
             label_selector=cluster.pod_selector,
@@ -102,8 +129,8 @@ async def build_edges(
 
     ``start=False`` builds and checks everything without starting the pod watch
     (the supervisor's preflight, before it forks the workers)."""
-    if not settings.tokens.jwks:
-        raise ConfigError("CONFIG_ERROR", "--jwks is required (file path or URL)")
+    if settings.pods is not None and settings.tokens.mode == "jwks" and not settings.tokens.jwks:
+        raise ConfigError("CONFIG_ERROR", "--jwks is required with --pods (file path or URL)")
     inventory = build_inventory(settings, metrics)
     engine = build_engine(settings)
     try:
@@ -112,9 +139,15 @@ async def build_edges(
         await engine.aclose()
         await inventory.aclose()
         raise
+    try:
+        verifier = await build_verifier(settings, metrics)
+    except BaseException:
+        await reloader.aclose()
+        await engine.aclose()
+        await inventory.aclose()
+        raise
     if start and isinstance(inventory, WatchInventory):
         await inventory.start()
-    verifier = JWKSVerifier(settings.tokens)
     return Edges(verifier=verifier, inventory=inventory, engine=engine, reloader=reloader)
 
 

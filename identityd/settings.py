@@ -85,6 +85,14 @@ class TokenSettings:
     refetch_interval_seconds: float = JWKS_REFETCH_INTERVAL_SECONDS
     max_key_age_seconds: float = JWKS_MAX_AGE_SECONDS
     fetch_timeout_seconds: float = JWKS_FETCH_TIMEOUT_SECONDS
+    # "jwks": verify signatures locally (keys from --jwks, or the API server's when
+    # unset); "tokenreview": ask the API server (TokenReview) about every new token.
+    mode: str = "jwks"
+    # With the API server's keys: find them through OIDC discovery instead of /openid/v1/jwks.
+    jwks_discovery: bool = False
+    review_timeout_seconds: float = 1.0
+    # A successful review is reused this long (never past the token's exp); 0 = never.
+    review_cache_seconds: float = 10.0
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,36 @@ OPTIONS: tuple[Option, ...] = (
     Option("--min-rsa-bits", "identity.min_rsa_bits", "smallest RSA key accepted in a CSR", int),
     Option("--issuer", "tokens.issuer", "expected token issuer (iss)"),
     Option("--audience", "tokens.audiences", "accepted token audience (aud)", repeat=True),
-    Option("--jwks", "tokens.jwks", "JWKS file or https URL with the token signing keys"),
+    Option(
+        "--token-mode",
+        "tokens.mode",
+        "jwks (verify signatures locally) or tokenreview (ask the API server)",
+        choices=("jwks", "tokenreview"),
+    ),
+    Option(
+        "--jwks",
+        "tokens.jwks",
+        "JWKS file or https URL with the token signing keys (unset in a cluster: the API "
+        "server's keys)",
+    ),
+    Option(
+        "--jwks-discovery",
+        "tokens.jwks_discovery",
+        "find the API server's keys through OIDC discovery (true/false)",
+        _bool,
+    ),
+    Option(
+        "--token-review-timeout",
+        "tokens.review_timeout_seconds",
+        "TokenReview timeout, seconds",
+        float,
+    ),
+    Option(
+        "--token-review-cache",
+        "tokens.review_cache_seconds",
+        "reuse a successful TokenReview this long, seconds (0 = never)",
+        float,
+    ),
     Option(
         "--max-token-age",
         "tokens.max_age_seconds",
@@ -269,6 +298,11 @@ def build_settings(values: Mapping[str, Any], base: Settings | None = None) -> S
         # OPA cannot swap a policy set atomically; two workers pushing could leave it
         # mixed. OPA does the evaluating anyway: scale with replicas.
         raise ConfigError("CONFIG_ERROR", "--engine opa runs one worker (--workers 1)")
+    if result.tokens.mode == "tokenreview" and result.tokens.jwks:
+        raise ConfigError("CONFIG_ERROR", "--jwks has no use with --token-mode tokenreview")
+    if result.pods is not None and result.tokens.mode == "jwks" and not result.tokens.jwks:
+        # Local runs never reach for a cluster unasked.
+        raise ConfigError("CONFIG_ERROR", "--jwks is required with --pods (file path or URL)")
     if result.policy_reload_seconds < 0:
         raise ConfigError("CONFIG_ERROR", "--policy-reload-seconds must be 0 or more")
     return result

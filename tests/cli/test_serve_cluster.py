@@ -131,3 +131,89 @@ async def test_not_ready_until_listed(
         await svc.http.close()
         await server.close()
         await svc.edges.aclose()
+
+
+def requested_token(api: KubeAPIServer, pod: object, audiences: list[str]) -> str:
+    """A bound token from the double's TokenRequest, as a kubelet would project it."""
+    answer = api.tokens.request_token(
+        pod.namespace,
+        pod.service_account,
+        {  # type: ignore[attr-defined]
+            "audiences": audiences,
+            "expirationSeconds": 3600,
+            "boundObjectRef": {
+                "kind": "Pod",
+                "apiVersion": "v1",
+                "name": pod.name,  # type: ignore[attr-defined]
+                "uid": pod.uid,
+            },
+        },
+    )  # type: ignore[attr-defined]
+    return str(answer["status"]["token"])
+
+
+@pytest.fixture(params=["jwks-from-api-server", "tokenreview"])
+async def token_mode_service(
+    request: pytest.FixtureRequest, api: KubeAPIServer, cluster: DevCluster, tmp_path: Path
+) -> AsyncIterator[Service]:
+    settings = make_settings(cluster, tmp_path)
+    tokens = replace(
+        settings.tokens,
+        jwks=None,
+        issuer=api.tokens.issuer,
+        refetch_interval_seconds=0.2,
+        mode="tokenreview" if request.param == "tokenreview" else "jwks",
+    )
+    settings = replace(
+        settings,
+        pods=None,
+        tokens=tokens,
+        cluster=ClusterSettings(kubeconfig=write_kubeconfig(tmp_path / "kubeconfig", api)),
+    )
+    server, svc = await start_service(settings)
+    try:
+        for _ in range(200):
+            if (await svc.get("/readyz"))[0] == 200:
+                break
+            await asyncio.sleep(0.02)
+        yield svc
+    finally:
+        await svc.http.close()
+        await server.close()
+        await svc.edges.aclose()
+
+
+async def test_cluster_tokens_verify_through_the_api_server(
+    token_mode_service: Service, api: KubeAPIServer, cluster: DevCluster, pods: Pods
+) -> None:
+    good = requested_token(api, pods.api, ["identityd"])
+    status, answer = await token_mode_service.post(
+        "instance", cluster.confirmation(pods.api, token=good)
+    )
+    assert status == 200, answer
+    # A token the API server minted for another audience is refused.
+    other = requested_token(api, pods.api, ["vault"])
+    status, answer = await token_mode_service.post(
+        "instance", cluster.confirmation(pods.api, token=other)
+    )
+    assert status == 403
+    assert answer["message"] in ("TOKEN_AUDIENCE_MISMATCH", "TOKEN_REVIEW_DENIED")
+    # A token from the dev issuer (not the API server's keys) is refused.
+    status, _ = await token_mode_service.post("instance", cluster.confirmation(pods.api))
+    assert status == 403
+
+
+async def test_key_rotation_on_the_api_server_is_picked_up(
+    token_mode_service: Service, api: KubeAPIServer, cluster: DevCluster, pods: Pods
+) -> None:
+    first = requested_token(api, pods.api, ["identityd"])
+    assert (await token_mode_service.post("instance", cluster.confirmation(pods.api, token=first)))[
+        0
+    ] == 200
+    api.tokens.rotate(keep_old=False)
+    rotated = requested_token(api, pods.api, ["identityd"])
+    await asyncio.sleep(0.25)  # past the unknown-kid refetch interval (a flood guard)
+    status, answer = await token_mode_service.post(
+        "instance", cluster.confirmation(pods.api, token=rotated)
+    )
+    assert status == 200, answer

@@ -16,7 +16,6 @@ from deploy_support import K8S, K8S_PATCH, cli_parser, load_yaml_file, one, subc
 
 PENDING: dict[str, set[str]] = {
     "serve": {
-        "--token-mode",
         "--policy-configmap-namespace",
         "--leader-elect",
         "--leader-elect-resource-name",
