@@ -1,10 +1,13 @@
-"""The Kubernetes API edge of the pod inventory: the client, and the three pod calls.
+"""The Kubernetes API edge: the client, and the few calls identityd makes.
 
 :class:`PodsAPI` lists a page of pods, opens a watch, and GETs one pod through the
 real ``kubernetes_asyncio`` client (its auth, TLS and kubeconfig handling), but
 asks for the raw response (``_preload_content=False``) and parses the JSON
 itself: the client's model deserialisation is ~20x slower and its objects far
 larger than the dicts :func:`~identityd.inventory.store.record_from_pod` reads.
+:class:`ConfigMapsAPI` does the same list/watch/GET for the policy ConfigMaps and
+PATCHes their status annotation; :class:`LeasesAPI` GETs, creates and replaces the
+Lease of leader election (``coordination.k8s.io/v1``).
 
 Every failure leaves this module as :class:`KubeAPIError` (an ``Unavailable``)
 with the HTTP status when there was one: no aiohttp or kubernetes_asyncio type
@@ -21,7 +24,7 @@ import gc
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import aiohttp
 from kubernetes_asyncio import client as k8s
@@ -58,8 +61,9 @@ class KubeAPIError(Unavailable):
 
     default_code = "KUBE_API_ERROR"
 
-    def __init__(self, code: str | None = None, detail: str = "", *, status: int = 0,
-                 reason: str = "") -> None:
+    def __init__(
+        self, code: str | None = None, detail: str = "", *, status: int = 0, reason: str = ""
+    ) -> None:
         super().__init__(code, detail)
         self.status = status
         self.reason = reason
@@ -99,31 +103,71 @@ async def new_api_client(connection: KubeConnection) -> k8s.ApiClient:
             configuration.verify_ssl = connection.verify_ssl
         elif connection.kubeconfig is not None:
             await k8s_config.load_kube_config(
-                config_file=connection.kubeconfig, context=connection.context,
-                client_configuration=configuration, persist_config=False,
+                config_file=connection.kubeconfig,
+                context=connection.context,
+                client_configuration=configuration,
+                persist_config=False,
             )
         else:
             load_incluster: Any = k8s_config.load_incluster_config  # untyped upstream
             load_incluster(client_configuration=configuration)
     except (ConfigException, OSError, ValueError) as exc:
-        raise ConfigError("KUBE_CONFIG_INVALID", f"cannot configure the Kubernetes client: "
-                          f"{type(exc).__name__}: {str(exc)[:_MAX_DETAIL]}") from exc
+        raise ConfigError(
+            "KUBE_CONFIG_INVALID",
+            f"cannot configure the Kubernetes client: "
+            f"{type(exc).__name__}: {str(exc)[:_MAX_DETAIL]}",
+        ) from exc
     return k8s.ApiClient(configuration)
 
 
-class PodsAPI:
-    """Pods through one ApiClient (one connection pool). Close with :meth:`aclose`."""
+class _Client:
+    """One ApiClient (one connection pool), closed by :meth:`aclose`."""
 
     def __init__(self, api_client: k8s.ApiClient) -> None:
         self._client = api_client
-        self._core = k8s.CoreV1Api(api_client)
 
     @classmethod
-    async def connect(cls, connection: KubeConnection) -> PodsAPI:
+    async def connect(cls, connection: KubeConnection) -> Self:
         return cls(await new_api_client(connection))
 
     async def aclose(self) -> None:
         await self._client.close()
+
+    @staticmethod
+    async def _read(response: Any, what: str, ok: tuple[int, ...] = (200,)) -> bytes:
+        """The body of a success; any other status raises KubeAPIError with its Status."""
+        try:
+            raw: bytes = await response.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise _transport_error(what, exc) from exc
+        finally:
+            response.release()
+        if response.status not in ok:
+            try:
+                status = json.loads(raw)
+            except ValueError:
+                status = None
+            raise _status_error(what, response.status, status)
+        return raw
+
+    @classmethod
+    async def _json(cls, response: Any, what: str, ok: tuple[int, ...] = (200,)) -> JSONObject:
+        return _parse(await cls._read(response, what, ok), what)
+
+
+class _Collection(_Client):
+    """A paged list and a watch of one core/v1 resource; subclasses name it."""
+
+    _plural = ""  # "pods", in error details
+    _list_kind = ""  # "PodList"
+
+    def __init__(self, api_client: k8s.ApiClient) -> None:
+        super().__init__(api_client)
+        self._core = k8s.CoreV1Api(api_client)
+
+    async def _request(self, namespace: str | None, params: dict[str, Any]) -> Any:
+        """The raw response of one list or watch request."""
+        raise NotImplementedError
 
     async def list_all(
         self,
@@ -135,7 +179,7 @@ class PodsAPI:
         field_selector: str | None = None,
         request_timeout: float,
     ) -> tuple[list[T], str]:
-        """Every pod of a list (in pages of ``limit``; 0 = one response) passed through
+        """Every object of a list (in pages of ``limit``; 0 = one response) passed through
         ``convert`` (None drops it), and the list's resourceVersion.
 
         A continue token the server no longer honours raises KubeAPIError with code
@@ -154,63 +198,56 @@ class PodsAPI:
             params["label_selector"] = label_selector
         if field_selector:
             params["field_selector"] = field_selector
+        what = f"list {self._plural}"
         converted: list[T] = []
         list_rv: str | None = None
         pending: asyncio.Future[Any] | None = asyncio.ensure_future(
-            self._request(namespace, params))
+            self._request(namespace, params)
+        )
         continuing = False
         try:
             while pending is not None:
                 try:
-                    raw = await self._read(await pending, "list pods")
+                    raw = await self._read(await pending, what)
                 except KubeAPIError as exc:
                     if continuing and exc.expired:
-                        raise KubeAPIError("KUBE_CONTINUE_EXPIRED", exc.detail, status=410,
-                                           reason=exc.reason) from exc
+                        raise KubeAPIError(
+                            "KUBE_CONTINUE_EXPIRED", exc.detail, status=410, reason=exc.reason
+                        ) from exc
                     raise
                 with paused_gc():
-                    body = _parse(raw, "list pods")
+                    body = _parse(raw, what)
                     del raw
                     meta, items = body.get("metadata"), body.get("items")
                     if not isinstance(meta, dict) or not isinstance(items, list):
-                        raise KubeAPIError("KUBE_BAD_RESPONSE", "list pods: not a PodList",
-                                           status=200)
+                        raise KubeAPIError(
+                            "KUBE_BAD_RESPONSE", f"{what}: not a {self._list_kind}", status=200
+                        )
                     rv, token = meta.get("resourceVersion"), meta.get("continue")
                     if not isinstance(rv, str) or not rv:
-                        raise KubeAPIError("KUBE_BAD_RESPONSE", "list pods: no "
-                                           "resourceVersion", status=200)
+                        raise KubeAPIError(
+                            "KUBE_BAD_RESPONSE", f"{what}: no resourceVersion", status=200
+                        )
                     list_rv = list_rv or rv  # every page is as of the first
                     if not (isinstance(token, str) and token):
                         pending = None
                     else:
                         continuing = True
                         pending = asyncio.ensure_future(
-                            self._request(namespace, params | {"_continue": token}))
+                            self._request(namespace, params | {"_continue": token})
+                        )
                         await asyncio.sleep(0)  # let it go out before the slow part
-                    converted += [out for item in items if isinstance(item, dict)
-                                  and (out := convert(item)) is not None]
+                    converted += [
+                        out
+                        for item in items
+                        if isinstance(item, dict) and (out := convert(item)) is not None
+                    ]
                     del body, meta, items
             return converted, list_rv or ""
         finally:
             if pending is not None:  # failed or cancelled with a request ahead
                 pending.add_done_callback(_release_unread)
                 pending.cancel()
-
-    async def get(
-        self, namespace: str, name: str, *, request_timeout: float
-    ) -> JSONObject | None:
-        """The pod, or None when the API server says 404."""
-        try:
-            response: Any = await self._core.read_namespaced_pod(
-                name, namespace, _preload_content=False,
-                _request_timeout=aiohttp.ClientTimeout(total=request_timeout),
-            )
-        except (aiohttp.ClientError, TimeoutError, OSError, ApiException) as exc:
-            raise _transport_error("get pod", exc) from exc
-        if response.status == 404:
-            response.release()
-            return None
-        return await self._json(response, "get pod")
 
     async def watch(
         self,
@@ -230,47 +267,167 @@ class PodsAPI:
             "allow_watch_bookmarks": True,
             "timeout_seconds": timeout_seconds,
             "_request_timeout": aiohttp.ClientTimeout(
-                total=None, connect=connect_timeout, sock_connect=connect_timeout,
+                total=None,
+                connect=connect_timeout,
+                sock_connect=connect_timeout,
                 sock_read=inactivity_timeout,
             ),
         }
         if label_selector:
             params["label_selector"] = label_selector
+        what = f"watch {self._plural}"
         response = await self._request(namespace, params)
         if response.status != 200:
-            await self._json(response, "watch pods")  # raises with the Status
-        return WatchStream(response)
+            await self._json(response, what)  # raises with the Status
+        return WatchStream(response, what)
+
+
+class PodsAPI(_Collection):
+    """Pods through one ApiClient (one connection pool). Close with :meth:`aclose`."""
+
+    _plural = "pods"
+    _list_kind = "PodList"
+
+    async def get(self, namespace: str, name: str, *, request_timeout: float) -> JSONObject | None:
+        """The pod, or None when the API server says 404."""
+        try:
+            response: Any = await self._core.read_namespaced_pod(
+                name,
+                namespace,
+                _preload_content=False,
+                _request_timeout=aiohttp.ClientTimeout(total=request_timeout),
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError, ApiException) as exc:
+            raise _transport_error("get pod", exc) from exc
+        if response.status == 404:
+            response.release()
+            return None
+        return await self._json(response, "get pod")
 
     async def _request(self, namespace: str | None, params: dict[str, Any]) -> Any:
         try:
             if namespace is None:
                 return await self._core.list_pod_for_all_namespaces(
-                    _preload_content=False, **params)
-            return await self._core.list_namespaced_pod(
-                namespace, _preload_content=False, **params)
+                    _preload_content=False, **params
+                )
+            return await self._core.list_namespaced_pod(namespace, _preload_content=False, **params)
         except (aiohttp.ClientError, TimeoutError, OSError, ApiException) as exc:
             raise _transport_error("pods", exc) from exc
 
-    @staticmethod
-    async def _read(response: Any, what: str) -> bytes:
-        """The body of a 200; any other status raises KubeAPIError with its Status."""
-        try:
-            raw: bytes = await response.read()
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise _transport_error(what, exc) from exc
-        finally:
-            response.release()
-        if response.status != 200:
-            try:
-                status = json.loads(raw)
-            except ValueError:
-                status = None
-            raise _status_error(what, response.status, status)
-        return raw
 
-    @classmethod
-    async def _json(cls, response: Any, what: str) -> JSONObject:
-        return _parse(await cls._read(response, what), what)
+class ConfigMapsAPI(_Collection):
+    """ConfigMaps through one ApiClient: the paged list, the watch, GET, and PATCH."""
+
+    _plural = "configmaps"
+    _list_kind = "ConfigMapList"
+
+    async def get(self, namespace: str, name: str, *, request_timeout: float) -> JSONObject | None:
+        """The ConfigMap, or None when the API server says 404."""
+        try:
+            response: Any = await self._core.read_namespaced_config_map(
+                name,
+                namespace,
+                _preload_content=False,
+                _request_timeout=aiohttp.ClientTimeout(total=request_timeout),
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError, ApiException) as exc:
+            raise _transport_error("get configmap", exc) from exc
+        if response.status == 404:
+            response.release()
+            return None
+        return await self._json(response, "get configmap")
+
+    async def patch(
+        self, namespace: str, name: str, patch: JSONObject, *, request_timeout: float
+    ) -> JSONObject:
+        """Apply ``patch`` and return the ConfigMap as stored. A dict goes out as a
+        strategic merge patch (what kube-mgmt sends; for metadata it is a JSON merge
+        patch). A ConfigMap deleted meanwhile is KubeAPIError with ``status`` 404."""
+        if not isinstance(patch, dict):
+            raise TypeError(f"patch: expected a dict, got {type(patch).__name__}")
+        try:
+            response: Any = await self._core.patch_namespaced_config_map(
+                name,
+                namespace,
+                patch,
+                _preload_content=False,
+                _request_timeout=aiohttp.ClientTimeout(total=request_timeout),
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError, ApiException) as exc:
+            raise _transport_error("patch configmap", exc) from exc
+        return await self._json(response, "patch configmap")
+
+    async def _request(self, namespace: str | None, params: dict[str, Any]) -> Any:
+        try:
+            if namespace is None:
+                return await self._core.list_config_map_for_all_namespaces(
+                    _preload_content=False, **params
+                )
+            return await self._core.list_namespaced_config_map(
+                namespace, _preload_content=False, **params
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError, ApiException) as exc:
+            raise _transport_error("configmaps", exc) from exc
+
+
+class LeasesAPI(_Client):
+    """``coordination.k8s.io/v1`` Leases, for leader election: GET, create, replace.
+
+    A lost race is KubeAPIError with ``status`` 409: AlreadyExists on create, Conflict
+    on a replace whose ``metadata.resourceVersion`` is no longer the current one."""
+
+    def __init__(self, api_client: k8s.ApiClient) -> None:
+        super().__init__(api_client)
+        self._coordination = k8s.CoordinationV1Api(api_client)
+
+    async def get(self, namespace: str, name: str, *, request_timeout: float) -> JSONObject | None:
+        """The Lease, or None when the API server says 404."""
+        try:
+            response: Any = await self._coordination.read_namespaced_lease(
+                name,
+                namespace,
+                _preload_content=False,
+                _request_timeout=aiohttp.ClientTimeout(total=request_timeout),
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError, ApiException) as exc:
+            raise _transport_error("get lease", exc) from exc
+        if response.status == 404:
+            response.release()
+            return None
+        return await self._json(response, "get lease")
+
+    async def create(
+        self, namespace: str, lease: JSONObject, *, request_timeout: float
+    ) -> JSONObject:
+        """POST a new Lease; the Lease as stored."""
+        body: Any = lease  # the client serialises a dict as it is
+        try:
+            response: Any = await self._coordination.create_namespaced_lease(
+                namespace,
+                body,
+                _preload_content=False,
+                _request_timeout=aiohttp.ClientTimeout(total=request_timeout),
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError, ApiException) as exc:
+            raise _transport_error("create lease", exc) from exc
+        return await self._json(response, "create lease", (200, 201))
+
+    async def replace(
+        self, namespace: str, name: str, lease: JSONObject, *, request_timeout: float
+    ) -> JSONObject:
+        """PUT the whole Lease (its ``metadata.resourceVersion`` is the precondition)."""
+        body: Any = lease
+        try:
+            response: Any = await self._coordination.replace_namespaced_lease(
+                name,
+                namespace,
+                body,
+                _preload_content=False,
+                _request_timeout=aiohttp.ClientTimeout(total=request_timeout),
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError, ApiException) as exc:
+            raise _transport_error("replace lease", exc) from exc
+        return await self._json(response, "replace lease", (200, 201))
 
 
 def _release_unread(future: asyncio.Future[Any]) -> None:
@@ -295,8 +452,9 @@ class WatchStream:
     or a clean close) and raises KubeAPIError for an ERROR event (410 → ``expired``),
     a dead stream (``KUBE_WATCH_INACTIVE``), a cut connection or a garbled line."""
 
-    def __init__(self, response: Any) -> None:
+    def __init__(self, response: Any, what: str = "watch pods") -> None:
         self._response = response
+        self._what = what
 
     async def next(self) -> JSONObject | None:
         while True:
@@ -305,7 +463,7 @@ class WatchStream:
             except aiohttp.ServerTimeoutError as exc:
                 raise KubeAPIError("KUBE_WATCH_INACTIVE", "no data on the watch") from exc
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-                raise _transport_error("watch pods", exc) from exc
+                raise _transport_error(self._what, exc) from exc
             if not line:
                 return None
             if line.strip():
@@ -313,15 +471,17 @@ class WatchStream:
         try:
             event = json.loads(line)
         except ValueError as exc:
-            raise KubeAPIError("KUBE_BAD_RESPONSE", "watch pods: a line is not JSON",
-                               status=200) from exc
+            raise KubeAPIError(
+                "KUBE_BAD_RESPONSE", f"{self._what}: a line is not JSON", status=200
+            ) from exc
         if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
-            raise KubeAPIError("KUBE_BAD_RESPONSE", "watch pods: an event without an object",
-                               status=200)
+            raise KubeAPIError(
+                "KUBE_BAD_RESPONSE", f"{self._what}: an event without an object", status=200
+            )
         if event.get("type") == "ERROR":
             obj = event["object"]
             code = obj.get("code")
-            raise _status_error("watch pods", code if isinstance(code, int) else 500, obj)
+            raise _status_error(self._what, code if isinstance(code, int) else 500, obj)
         return event
 
     def close(self) -> None:
@@ -331,12 +491,14 @@ class WatchStream:
 
 def _transport_error(what: str, exc: BaseException) -> KubeAPIError:
     if isinstance(exc, ApiException):
-        return KubeAPIError("KUBE_API_ERROR", f"{what}: {exc.status} {exc.reason}",
-                            status=exc.status or 0)
+        return KubeAPIError(
+            "KUBE_API_ERROR", f"{what}: {exc.status} {exc.reason}", status=exc.status or 0
+        )
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return KubeAPIError("KUBE_TIMEOUT", f"{what}: timed out")
-    return KubeAPIError("KUBE_UNREACHABLE", f"{what}: {type(exc).__name__}: "
-                        f"{str(exc)[:_MAX_DETAIL]}")
+    return KubeAPIError(
+        "KUBE_UNREACHABLE", f"{what}: {type(exc).__name__}: {str(exc)[:_MAX_DETAIL]}"
+    )
 
 
 def _status_error(what: str, status: int, body: object) -> KubeAPIError:
@@ -345,5 +507,6 @@ def _status_error(what: str, status: int, body: object) -> KubeAPIError:
         reason = str(body.get("reason") or "")
         message = str(body.get("message") or "")[:_MAX_DETAIL]
     code = "KUBE_EXPIRED" if status == 410 else "KUBE_API_ERROR"
-    return KubeAPIError(code, f"{what}: {status} {reason}: {message}".rstrip(": "),
-                        status=status, reason=reason)
+    return KubeAPIError(
+        code, f"{what}: {status} {reason}: {message}".rstrip(": "), status=status, reason=reason
+    )

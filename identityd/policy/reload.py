@@ -13,6 +13,12 @@ tried again on the next round.
 Change detection hashes the content, not file times: a ConfigMap volume swaps a
 ``..data`` symlink and editors may keep mtimes, and reading a few small files
 every few seconds costs nothing.
+
+A source that knows when it changes (the ConfigMap watch) implements
+:class:`ObservedSource`: the reloader subscribes :meth:`PolicyReloader.trigger` to it,
+so a change is loaded at once rather than at the next poll, and hands it the
+:class:`ReloadResult` of every load attempt (the source holds back a ConfigMap that
+broke the set and writes each ConfigMap's status from it).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from identityd.errors import ConfigError, PolicyCompileError, PolicyUnavailable
 from identityd.metrics import Metrics
@@ -38,6 +44,7 @@ from identityd.policy.sources import load_policy_dir
 __all__ = [
     "DEFAULT_RELOAD_INTERVAL_SECONDS",
     "DirectorySource",
+    "ObservedSource",
     "PolicyReloader",
     "PolicySource",
     "ReloadOutcome",
@@ -50,6 +57,11 @@ log = logging.getLogger(__name__)
 # How often the source is polled. An edit is in force at most this long after
 # it is saved; each round reads the source once.
 DEFAULT_RELOAD_INTERVAL_SECONDS = 2.0
+# After a trigger, wait this long before the round, so a burst of changes (kubectl
+# apply of several ConfigMaps) is loaded as one set rather than one round each.
+TRIGGER_SETTLE_SECONDS = 0.05
+# settle(): at most this many rounds in a row (each a change the source asked for).
+DEFAULT_SETTLE_ROUNDS = 16
 
 # (module_ids, ok, error): the set that was tried, whether it is now in force, and
 # why not ("<module_id>: <message>" when a module is to blame).
@@ -66,6 +78,20 @@ class PolicySource(Protocol):
 
     async def snapshot(self) -> dict[str, str]:
         """The current ``{module_id: rego_source}``; ConfigError when unreadable or empty."""
+        ...
+
+
+@runtime_checkable
+class ObservedSource(PolicySource, Protocol):
+    """A source that says when it changed and hears how each load attempt went."""
+
+    def subscribe(self, on_change: Callable[[], None]) -> None:
+        """Call ``on_change`` (cheap, synchronous) whenever the set may have changed."""
+        ...
+
+    async def observe(self, result: ReloadResult) -> None:
+        """The result of a round that tried the last snapshot (LOADED or REJECTED), or
+        found it unusable (UNAVAILABLE, SOURCE_ERROR). Not called for UNCHANGED."""
         ...
 
 
@@ -107,7 +133,8 @@ class PolicyReloader:
     """Polls ``source`` every ``interval`` seconds and loads changes into ``engine``.
 
     :meth:`reload_once` is one round (the initial load at start-up, and the test
-    hook); :meth:`start` runs rounds in the background until :meth:`aclose`.
+    hook); :meth:`start` runs rounds in the background until :meth:`aclose`, one
+    every ``interval`` and one soon after each :meth:`trigger`.
     """
 
     def __init__(
@@ -134,6 +161,10 @@ class PolicyReloader:
         self._tried: str | None = None  # digest of the last set loaded or rejected
         self._source_error: str | None = None  # the last one reported
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()  # set by trigger(): a round is wanted now
+        self._observer = source if isinstance(source, ObservedSource) else None
+        if self._observer is not None:
+            self._observer.subscribe(self.trigger)
         self.loaded = 0
         self.rejected = 0
         self.last: ReloadResult | None = None
@@ -142,7 +173,30 @@ class PolicyReloader:
         """Read the source; if it changed, load it. Never raises for a bad policy."""
         async with self._lock:
             result = await self._round()
-        self.last = result
+            self.last = result
+            # Inside the lock: the source pairs the result with the snapshot it gave.
+            if self._observer is not None and result.outcome is not ReloadOutcome.UNCHANGED:
+                await self._observe(self._observer, result)
+        return result
+
+    def trigger(self) -> None:
+        """Ask for a round now (the background loop runs it within a moment)."""
+        self._wake.set()
+
+    async def settle(self, max_rounds: int = DEFAULT_SETTLE_ROUNDS) -> ReloadResult:
+        """Rounds until the source stops asking for another, at most ``max_rounds``.
+
+        For start-up with an observed source: a ConfigMap that breaks the set is held
+        back by the source, which asks for a round without it."""
+        if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
+            raise ValueError(f"max_rounds: expected a positive integer, got {max_rounds!r}")
+        self._wake.clear()
+        result = await self.reload_once()
+        for _ in range(max_rounds - 1):
+            if not self._wake.is_set():
+                break
+            self._wake.clear()
+            result = await self.reload_once()
         return result
 
     async def start(self) -> None:
@@ -167,7 +221,12 @@ class PolicyReloader:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self._interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self._wake.wait()
+            if self._wake.is_set():
+                await asyncio.sleep(TRIGGER_SETTLE_SECONDS)
+            self._wake.clear()  # before the round: a change during it asks for another
             await self.reload_once()
 
     async def _round(self) -> ReloadResult:
@@ -186,8 +245,11 @@ class PolicyReloader:
             self._tried = digest
             self.rejected += 1
             self._count("error")
-            log.warning("policy set from %s rejected, the previous one stays: %s",
-                        self._source.name, exc.detail)
+            log.warning(
+                "policy set from %s rejected, the previous one stays: %s",
+                self._source.name,
+                exc.detail,
+            )
             await self._report(ids, False, exc.detail)
             return ReloadResult(ReloadOutcome.REJECTED, ids, exc.detail, exc.module)
         except PolicyUnavailable as exc:
@@ -206,8 +268,9 @@ class PolicyReloader:
         if error != self._source_error:  # once per distinct error, not every round
             self._source_error = error
             self._count("error")
-            log.warning("policy source %s unreadable, the current set stays: %s",
-                        self._source.name, error)
+            log.warning(
+                "policy source %s unreadable, the current set stays: %s", self._source.name, error
+            )
             await self._report((), False, error)
         return ReloadResult(ReloadOutcome.SOURCE_ERROR, (), error)
 
@@ -221,6 +284,13 @@ class PolicyReloader:
                 await outcome
         except Exception:
             log.exception("policy status callback failed")
+
+    async def _observe(self, observer: ObservedSource, result: ReloadResult) -> None:
+        # The source's bookkeeping is an edge too (status writes): never stop reloads.
+        try:
+            await observer.observe(result)
+        except Exception:
+            log.exception("policy source %s failed to take the result", observer.name)
 
     def _count(self, result: str) -> None:
         if self._metrics is not None:
