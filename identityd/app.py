@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import ssl
 from dataclasses import dataclass
 
@@ -29,13 +32,18 @@ from identityd.inventory.watch import WatchInventory, WatchMetrics, WatchSetting
 from identityd.kubeapi import KubeConnection
 from identityd.metrics import Metrics
 from identityd.policy.base import PolicyEngine
+from identityd.policy.configmaps import ConfigMapSettings, ConfigMapSource
 from identityd.policy.embedded import EmbeddedEngine
+from identityd.policy.leader import LeaderElectionSettings, LeaderElector, new_identity
 from identityd.policy.opa import OPAEngine
 from identityd.policy.reload import DirectorySource, PolicyReloader, ReloadOutcome
 from identityd.settings import DEFAULT_POLICY_RELOAD_SECONDS, Settings
 from identityd.tokens.base import TokenVerifier
 from identityd.tokens.jwks import JWKSVerifier
 from identityd.tokens.tokenreview import TokenReviewMetrics, TokenReviewVerifier, cluster_key_source
+
+# How long start-up waits for the first ConfigMap list before serving (not ready).
+CONFIGMAP_SYNC_WAIT_SECONDS = 10.0
 
 
 @dataclass
@@ -44,10 +52,17 @@ class Edges:
     inventory: PodInventory
     engine: PolicyEngine
     reloader: PolicyReloader | None = None
+    policy_source: ConfigMapSource | None = None
+    elector: LeaderElector | None = None
 
     async def aclose(self) -> None:
+        # Reloader before its source; the elector releases the Lease for a peer.
         if self.reloader is not None:
             await self.reloader.aclose()
+        if self.policy_source is not None:
+            await self.policy_source.aclose()
+        if self.elector is not None:
+            await self.elector.aclose()
         await self.verifier.aclose()
         await self.inventory.aclose()
         await self.engine.aclose()
@@ -61,22 +76,87 @@ def build_engine(settings: Settings) -> PolicyEngine:
     raise ConfigError("CONFIG_ERROR", f"--engine {settings.engine!r} is not available")
 
 
+@dataclass
+class PolicyFeed:
+    reloader: PolicyReloader
+    source: ConfigMapSource | None = None
+    elector: LeaderElector | None = None
+
+    async def aclose(self) -> None:
+        await self.reloader.aclose()
+        if self.source is not None:
+            await self.source.aclose()
+        if self.elector is not None:
+            await self.elector.aclose()
+
+
 async def start_policies(
-    settings: Settings, engine: PolicyEngine, metrics: Metrics | None
-) -> PolicyReloader:
-    """First load, then hot reload. A set that does not compile stops start-up; a
-    sidecar that is not up yet does not (not ready until the reloader gets through)."""
+    settings: Settings, engine: PolicyEngine, metrics: Metrics | None, *, start: bool = True
+) -> PolicyFeed:
+    """First load, then hot reload, from the policy directory or from ConfigMaps."""
     interval = settings.policy_reload_seconds or DEFAULT_POLICY_RELOAD_SECONDS
+    if settings.policy_configmap_namespaces:
+        return await _start_configmap_policies(settings, engine, metrics, interval, start=start)
     reloader = PolicyReloader(
-        DirectorySource(settings.policies), engine, interval=interval, metrics=metrics
+        DirectorySource(settings.policy_dir), engine, interval=interval, metrics=metrics
     )
     first = await reloader.reload_once()
+    # A set that does not compile stops start-up; a sidecar not up yet does not
+    # (not ready until the reloader gets through).
     if first.outcome in (ReloadOutcome.REJECTED, ReloadOutcome.SOURCE_ERROR):
         await reloader.aclose()
-        raise ConfigError("POLICY_LOAD_FAILED", f"{settings.policies}: {first.error}")
-    if settings.policy_reload_seconds > 0 or not first.ok:
+        raise ConfigError("POLICY_LOAD_FAILED", f"{settings.policy_dir}: {first.error}")
+    if start and (settings.policy_reload_seconds > 0 or not first.ok):
         await reloader.start()
-    return reloader
+    return PolicyFeed(reloader)
+
+
+async def _start_configmap_policies(
+    settings: Settings,
+    engine: PolicyEngine,
+    metrics: Metrics | None,
+    interval: float,
+    *,
+    start: bool,
+) -> PolicyFeed:
+    """Never fatal at start-up: a crash-looping pod could not write the status
+    annotation that tells the operator what is wrong. Not ready until a set loads."""
+    connection = kube_connection(settings)
+    elector = None
+    if settings.leader_elect:
+        elector = LeaderElector(
+            connection,
+            LeaderElectionSettings(
+                name=settings.leader_elect_resource_name,
+                namespace=settings.leader_elect_resource_namespace
+                or settings.policy_configmap_namespaces[0],
+                identity=new_identity(os.environ.get("POD_NAME")),
+            ),
+        )
+    source = ConfigMapSource(
+        connection,
+        ConfigMapSettings(
+            namespaces=settings.policy_configmap_namespaces, write_status=settings.policy_status
+        ),
+        leader=elector,
+    )
+    reloader = PolicyReloader(source, engine, interval=interval, metrics=metrics)
+    feed = PolicyFeed(reloader, source, elector)
+    if not start:
+        return feed
+    try:
+        await source.start()
+        if elector is not None:
+            await elector.start()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CONFIGMAP_SYNC_WAIT_SECONDS):
+                await source.wait_synced()
+        await reloader.settle()
+        await reloader.start()
+    except BaseException:
+        await feed.aclose()
+        raise
+    return feed
 
 
 def kube_connection(settings: Settings) -> KubeConnection:
@@ -134,7 +214,7 @@ async def build_edges(
     inventory = build_inventory(settings, metrics)
     engine = build_engine(settings)
     try:
-        reloader = await start_policies(settings, engine, metrics)
+        feed = await start_policies(settings, engine, metrics, start=start)
     except BaseException:
         await engine.aclose()
         await inventory.aclose()
@@ -142,13 +222,20 @@ async def build_edges(
     try:
         verifier = await build_verifier(settings, metrics)
     except BaseException:
-        await reloader.aclose()
+        await feed.aclose()
         await engine.aclose()
         await inventory.aclose()
         raise
     if start and isinstance(inventory, WatchInventory):
         await inventory.start()
-    return Edges(verifier=verifier, inventory=inventory, engine=engine, reloader=reloader)
+    return Edges(
+        verifier=verifier,
+        inventory=inventory,
+        engine=engine,
+        reloader=feed.reloader,
+        policy_source=feed.source,
+        elector=feed.elector,
+    )
 
 
 def create_app(

@@ -161,7 +161,15 @@ class Settings:
     # Plain-HTTP port for probes and metrics; kubelet probes carry no client certificate.
     metrics_listen: str | None = None
     pods: str | None = None  # static inventory file; None = watch the cluster's pods
-    policies: str = "policies"
+    # Local policy directory; default "policies" unless ConfigMaps are the source.
+    policies: str | None = None
+    # Namespaces whose ConfigMaps labelled openpolicyagent.org/policy=rego are the policy set.
+    policy_configmap_namespaces: tuple[str, ...] = ()
+    policy_status: bool = True  # write kube-mgmt's status annotation back
+    # Only the Lease holder writes status (several replicas share the ConfigMaps).
+    leader_elect: bool = False
+    leader_elect_resource_name: str = "identityd-policy-status"
+    leader_elect_resource_namespace: str | None = None  # default: first policy namespace
     engine: str = "embedded"  # "embedded" (regopy, in-process) or "opa" (sidecar REST)
     opa_url: str = DEFAULT_OPA_URL
     # 0 disables hot reload: the policies loaded at start-up stay.
@@ -170,6 +178,10 @@ class Settings:
     decision_timeout_seconds: float = DEFAULT_DECISION_TIMEOUT_SECONDS
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     log_level: str = "INFO"
+
+    @property
+    def policy_dir(self) -> str:
+        return self.policies or "policies"
 
 
 def host_port(address: str) -> tuple[str, int]:

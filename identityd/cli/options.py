@@ -150,7 +150,31 @@ OPTIONS: tuple[Option, ...] = (
         "full relist this often to repair drift (0 = never)",
         float,
     ),
-    Option("--policies", "policies", "directory of Rego policies"),
+    Option("--policies", "policies", "directory of Rego policies (default: policies)"),
+    Option(
+        "--policy-configmap-namespace",
+        "policy_configmap_namespaces",
+        "load policies from ConfigMaps labelled openpolicyagent.org/policy=rego here",
+        repeat=True,
+    ),
+    Option(
+        "--policy-status",
+        "policy_status",
+        "write kube-mgmt's status annotation back to policy ConfigMaps (true/false)",
+        _bool,
+    ),
+    Option(
+        "--leader-elect",
+        "leader_elect",
+        "only the holder of a Lease writes policy status (true/false)",
+        _bool,
+    ),
+    Option("--leader-elect-resource-name", "leader_elect_resource_name", "Lease name"),
+    Option(
+        "--leader-elect-resource-namespace",
+        "leader_elect_resource_namespace",
+        "Lease namespace (default: the first policy ConfigMap namespace)",
+    ),
     Option(
         "--engine",
         "engine",
@@ -303,6 +327,15 @@ def build_settings(values: Mapping[str, Any], base: Settings | None = None) -> S
     if result.pods is not None and result.tokens.mode == "jwks" and not result.tokens.jwks:
         # Local runs never reach for a cluster unasked.
         raise ConfigError("CONFIG_ERROR", "--jwks is required with --pods (file path or URL)")
+    if result.policies is not None and result.policy_configmap_namespaces:
+        # Two sources would both define package identityd: one or the other.
+        raise ConfigError(
+            "CONFIG_ERROR", "--policies and --policy-configmap-namespace are exclusive"
+        )
+    if result.leader_elect and not (
+        result.leader_elect_resource_namespace or result.policy_configmap_namespaces
+    ):
+        raise ConfigError("CONFIG_ERROR", "--leader-elect needs a Lease namespace")
     if result.policy_reload_seconds < 0:
         raise ConfigError("CONFIG_ERROR", "--policy-reload-seconds must be 0 or more")
     return result

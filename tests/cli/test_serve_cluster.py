@@ -217,3 +217,48 @@ async def test_key_rotation_on_the_api_server_is_picked_up(
         "instance", cluster.confirmation(pods.api, token=rotated)
     )
     assert status == 200, answer
+
+
+def policy_configmap(name: str, data: dict[str, str], namespace: str = "identityd-system") -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"openpolicyagent.org/policy": "rego"},
+        },
+        "data": data,
+    }
+
+
+async def test_policies_from_configmaps_are_enforced_and_status_written(
+    api: KubeAPIServer, cluster: DevCluster, pods: Pods, tmp_path: Path
+) -> None:
+    from identityd.policy.sources import load_policy_dir
+    from tests.conftest import POLICIES
+
+    modules = {Path(k).name: v for k, v in load_policy_dir(POLICIES).items()}
+    api.put("configmaps", policy_configmap("identityd-policies", modules))
+    settings = replace(
+        make_settings(cluster, tmp_path),
+        policies=None,
+        policy_configmap_namespaces=("identityd-system",),
+        leader_elect=True,
+        cluster=ClusterSettings(kubeconfig=write_kubeconfig(tmp_path / "kubeconfig", api)),
+    )
+    server, svc = await start_service(settings)
+    try:
+        status, answer = await svc.post("instance", cluster.confirmation(pods.api))
+        assert status == 200, answer
+        for _ in range(200):
+            meta = api.store.get("configmaps", "identityd-system", "identityd-policies")["metadata"]
+            if "openpolicyagent.org/kube-mgmt-status" in meta.get("annotations", {}):
+                break
+            await asyncio.sleep(0.02)
+        assert meta["annotations"]["openpolicyagent.org/kube-mgmt-status"] == '{"status":"ok"}'
+        assert api.store.get("leases", "identityd-system", "identityd-policy-status") is not None
+    finally:
+        await svc.http.close()
+        await server.close()
+        await svc.edges.aclose()

@@ -15,12 +15,7 @@ import io
 from deploy_support import K8S, K8S_PATCH, cli_parser, load_yaml_file, one, subcommand_parser
 
 PENDING: dict[str, set[str]] = {
-    "serve": {
-        "--policy-configmap-namespace",
-        "--leader-elect",
-        "--leader-elect-resource-name",
-        "--leader-elect-resource-namespace",
-    },
+    "serve": set(),
     "sia": set(),
 }
 
