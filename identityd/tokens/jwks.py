@@ -199,6 +199,16 @@ class TokenHeader:
     kid: str | None
 
 
+def _names_an_extension(segment: str) -> bool:
+    """Whether a header segment decodes to a JSON object with ``crit`` or ``b64``."""
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        header = json.loads(raw)
+    except (ValueError, binascii.Error):
+        return False  # malformed: read_header reports it
+    return isinstance(header, dict) and ("crit" in header or "b64" in header)
+
+
 def read_header(token: object, *, max_bytes: int = MAX_TOKEN_BYTES) -> TokenHeader:
     """The parts of the unverified JOSE header we act on: ``alg`` and ``kid``.
 
@@ -211,6 +221,12 @@ def read_header(token: object, *, max_bytes: int = MAX_TOKEN_BYTES) -> TokenHead
         raise InvalidToken(TokenReason.MALFORMED, f"token is larger than {max_bytes} bytes")
     if not _COMPACT_JWS.fullmatch(token):
         raise InvalidToken(TokenReason.MALFORMED, "token is not three base64url segments")
+    # Look for extensions before pyjwt does: it acts on b64=false itself and would
+    # report a decode error instead of the refused extension.
+    if _names_an_extension(token.split(".", 1)[0]):
+        raise InvalidToken(
+            TokenReason.HEADER_INVALID, "critical header extensions are not supported"
+        )
     try:
         header = jwt.get_unverified_header(token)
     except jwt.DecodeError as exc:
