@@ -10,47 +10,46 @@ package identityd
 
 import rego.v1
 
-decision := {
-	"allow": allow,
-	"reasons": sort([reason | some reason in reasons]),
-	"attributes": granted,
-}
+decision := {"allow": true, "reasons": [], "attributes": attributes} if {
+	count(reasons) == 0
+	attributes := granted
+} else := {"allow": false, "reasons": sort(reasons), "attributes": {}}
 
 reasons contains reason if {
 	not fast_allow
 	some reason in violations
 }
 
-default allow := false
-
-allow if {
-	count(reasons) == 0
-	count(granted) > 0
-}
-
-default granted := {}
-
+# The attributes the CA reads on allow. Only evaluated when `reasons` is empty,
+# and so on a valid input (the default checks deny any other), which the rules
+# below rely on: they read input directly, without the always-defined section
+# rules, because they run on every allow.
 granted := {
-	"certExpiryTime": format_int(cert_expiry_minutes, 10),
+	"certExpiryTime": format_int(minutes, 10),
 	"certRefresh": cert_refresh,
-	"certUsage": str(cfg, "cert_usage"),
+	"certUsage": usage,
 } if {
-	count(reasons) == 0
-	is_number(cert_expiry_minutes)
+	minutes := cert_expiry_minutes
+	is_number(minutes)
+	usage := input.config.cert_usage
+	is_string(usage)
 }
 
 # The configured lifetime, or a shorter one a pod asks for with the annotation
 # identityd.io/cert-expiry-minutes (never a longer one).
 cert_expiry_minutes := pod_expiry_minutes if {
-	pod_expiry_minutes < cfg.cert_expiry_minutes
-} else := cfg.cert_expiry_minutes
+	pod_expiry_minutes < input.config.cert_expiry_minutes
+} else := input.config.cert_expiry_minutes
 
 pod_expiry_minutes := to_number(text) if {
-	text := pod.annotations["identityd.io/cert-expiry-minutes"]
+	text := input.pod.annotations["identityd.io/cert-expiry-minutes"]
 	is_string(text)
 	regex.match(`^[1-9][0-9]{0,5}$`, text)
 }
 
 default cert_refresh := "false"
 
-cert_refresh := "true" if refresh_allowed
+cert_refresh := "true" if {
+	input.config.allow_refresh == true
+	not refresh_disabled_by_pod
+}

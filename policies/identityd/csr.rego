@@ -4,7 +4,7 @@ package identityd
 
 import rego.v1
 
-reasons contains msg if {
+violations contains msg if {
 	want := concat(".", [attested_domain, attested_service])
 	got := str(csr, "cn")
 	got != want
@@ -18,18 +18,18 @@ csr_san_pairs := [
 	["URI", str_list(csr, "uris"), str_list(attrs, "sanURI")],
 ]
 
-reasons contains concat("", ["CSR_SAN_MISMATCH: ", pair[0], " SANs of the CSR differ from the request's"]) if {
+violations contains concat("", ["CSR_SAN_MISMATCH: ", pair[0], " SANs of the CSR differ from the request's"]) if {
 	some pair in csr_san_pairs
 	as_set(pair[1]) != as_set(pair[2])
 }
 
-reasons contains msg if {
+violations contains msg if {
 	others := str_list(csr, "other_sans")
 	count(others) > 0
 	msg := concat("", ["CSR_SAN_MISMATCH: unsupported SAN kinds: ", concat(", ", sort(others))])
 }
 
-reasons contains concat("", ["CSR_KEY_TYPE_NOT_ALLOWED: ", key_type]) if {
+violations contains concat("", ["CSR_KEY_TYPE_NOT_ALLOWED: ", key_type]) if {
 	key_type := str(csr, "key_type")
 	not key_type in {"RSA", "EC"}
 }
@@ -40,7 +40,7 @@ rsa_bits_enough if {
 	csr.key_bits >= cfg.min_rsa_bits
 }
 
-reasons contains msg if {
+violations contains msg if {
 	str(csr, "key_type") == "RSA"
 	not rsa_bits_enough
 	msg := concat("", [
@@ -51,7 +51,7 @@ reasons contains msg if {
 
 allowed_ec_curves := as_set(str_list(cfg, "allowed_ec_curves"))
 
-reasons contains concat("", ["CSR_KEY_WEAK: EC curve '", curve, "' is not allowed"]) if {
+violations contains concat("", ["CSR_KEY_WEAK: EC curve '", curve, "' is not allowed"]) if {
 	str(csr, "key_type") == "EC"
 	curve := str(csr, "curve")
 	not curve in allowed_ec_curves

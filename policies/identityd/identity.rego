@@ -25,14 +25,14 @@ attested_service := token_service_account
 # The domain as one DNS label: "." -> "-" (sports.web -> sports-web).
 attested_dns_label := replace(attested_domain, ".", "-")
 
-reasons contains msg if {
+violations contains msg if {
 	got := str(req, "provider")
 	want := str(cfg, "provider")
 	got != want
 	msg := concat("", ["PROVIDER_MISMATCH: request names '", got, "', this provider is '", want, "'"])
 }
 
-reasons contains msg if {
+violations contains msg if {
 	got := str(req, "domain")
 	got != attested_domain
 	msg := concat("", [
@@ -41,7 +41,7 @@ reasons contains msg if {
 	])
 }
 
-reasons contains msg if {
+violations contains msg if {
 	got := str(req, "service")
 	got != attested_service
 	msg := concat("", [
@@ -52,11 +52,11 @@ reasons contains msg if {
 
 request_instance_id := str(attrs, "instanceId")
 
-reasons contains "INSTANCE_ID_MISSING: attribute instanceId is absent or empty" if {
+violations contains "INSTANCE_ID_MISSING: attribute instanceId is absent or empty" if {
 	request_instance_id == ""
 }
 
-reasons contains msg if {
+violations contains msg if {
 	request_instance_id != ""
 	request_instance_id != token_pod_uid
 	msg := concat("", [

@@ -56,80 +56,97 @@ is_string_list(value) if {
 as_set(list) := {item | some item in list}
 
 # What the policy needs from the host; anything else missing shows up as a
-# mismatch with a named code.
-required_strings := [
-	["token", "namespace"],
-	["token", "service_account"],
-	["token", "pod", "uid"],
-	["token", "pod", "name"],
-	["config", "provider"],
-	["config", "trust_domain"],
-	["config", "cert_usage"],
-]
-
-required_types := [
-	[["config", "dns_suffixes"], "string list"],
-	[["config", "allowed_ec_curves"], "string list"],
-	[["config", "cert_expiry_minutes"], "number"],
-	[["config", "min_rsa_bits"], "number"],
-	[["config", "allow_refresh"], "boolean"],
-	[["facts", "client_ip"], "string"],
-	[["facts", "client_ip_valid"], "boolean"],
-	[["facts", "san_ips"], "string list"],
-	[["facts", "san_ips_invalid"], "string list"],
-	[["facts", "csr_ips_invalid"], "string list"],
-]
-
-# Required when the section is present (pod and csr may be null).
-optional_types := [
-	[["pod", "ips"], "string list"],
-	[["csr", "dns"], "string list"],
-	[["csr", "ips"], "string list"],
-	[["csr", "uris"], "string list"],
-	[["csr", "other_sans"], "string list"],
-]
-
+# mismatch with a named code. One rule per requirement, each reading its field
+# directly (object.get on an always-defined section, never a call on an absent
+# field inside `not`): cheaper in regopy than walking a table of paths.
 input_problems contains "version is not 1" if object.get(input, "version", null) != 1
 
 input_problems contains "kind is not instance or refresh" if not known_kind
 
 known_kind if input.kind in {"instance", "refresh"}
 
-input_problems contains concat("", [section, " is not an object"]) if {
-	some section in ["request", "token", "config", "facts"]
-	not is_object(object.get(input, section, null))
+input_problems contains "request is not an object" if not is_object(object.get(input, "request", null))
+
+input_problems contains "token is not an object" if not is_object(object.get(input, "token", null))
+
+input_problems contains "config is not an object" if not is_object(object.get(input, "config", null))
+
+input_problems contains "facts is not an object" if not is_object(object.get(input, "facts", null))
+
+# Required non-empty strings: str() is "" when absent, empty or not a string.
+input_problems contains "token.namespace is missing or empty" if token_namespace == ""
+
+input_problems contains "token.service_account is missing or empty" if token_service_account == ""
+
+input_problems contains "token.pod.uid is missing or empty" if token_pod_uid == ""
+
+input_problems contains "token.pod.name is missing or empty" if token_pod_name == ""
+
+input_problems contains "config.provider is missing or empty" if str(cfg, "provider") == ""
+
+input_problems contains "config.trust_domain is missing or empty" if str(cfg, "trust_domain") == ""
+
+input_problems contains "config.cert_usage is missing or empty" if str(cfg, "cert_usage") == ""
+
+# Required types.
+input_problems contains "config.dns_suffixes is not a string list" if {
+	not is_string_list(object.get(cfg, "dns_suffixes", null))
 }
 
-input_problems contains concat("", [concat(".", path), " is missing or empty"]) if {
-	some path in required_strings
-	not is_nonempty_string(object.get(input, path, null))
+input_problems contains "config.allowed_ec_curves is not a string list" if {
+	not is_string_list(object.get(cfg, "allowed_ec_curves", null))
 }
 
-input_problems contains concat("", [concat(".", path), " is not a ", want]) if {
-	some entry in required_types
-	path := entry[0]
-	want := entry[1]
-	not has_type(object.get(input, path, null), want)
-}
-
-input_problems contains concat("", [concat(".", path), " is not a ", want]) if {
-	some entry in optional_types
-	path := entry[0]
-	want := entry[1]
-	is_object(input[path[0]])
-	not has_type(object.get(input, path, null), want)
-}
-
-# Absent means none; present, they must be maps.
-input_problems contains concat("", ["pod.", field, " is not a map"]) if {
-	some field in ["labels", "annotations"]
-	value := pod[field]
-	not is_object(value)
+input_problems contains "config.cert_expiry_minutes is not a number" if {
+	not is_number(object.get(cfg, "cert_expiry_minutes", null))
 }
 
 input_problems contains "config.cert_expiry_minutes is not positive" if {
 	is_number(cfg.cert_expiry_minutes)
 	cfg.cert_expiry_minutes <= 0
+}
+
+input_problems contains "config.min_rsa_bits is not a number" if not is_number(object.get(cfg, "min_rsa_bits", null))
+
+input_problems contains "config.allow_refresh is not a boolean" if not is_boolean(object.get(cfg, "allow_refresh", null))
+
+input_problems contains "facts.client_ip is not a string" if not is_string(object.get(facts, "client_ip", null))
+
+input_problems contains "facts.client_ip_valid is not a boolean" if {
+	not is_boolean(object.get(facts, "client_ip_valid", null))
+}
+
+input_problems contains "facts.san_ips is not a string list" if not is_string_list(object.get(facts, "san_ips", null))
+
+input_problems contains "facts.san_ips_invalid is not a string list" if {
+	not is_string_list(object.get(facts, "san_ips_invalid", null))
+}
+
+input_problems contains "facts.csr_ips_invalid is not a string list" if {
+	not is_string_list(object.get(facts, "csr_ips_invalid", null))
+}
+
+# Required when the section is present (pod and csr may be null).
+input_problems contains "pod.ips is not a string list" if {
+	pod
+	not is_string_list(object.get(pod, "ips", null))
+}
+
+input_problems contains concat("", ["csr.", field, " is not a string list"]) if {
+	csr
+	some field in ["dns", "ips", "uris", "other_sans"]
+	not is_string_list(object.get(csr, field, null))
+}
+
+# Absent means none; present, they must be maps.
+input_problems contains "pod.labels is not a map" if {
+	value := pod.labels
+	not is_object(value)
+}
+
+input_problems contains "pod.annotations is not a map" if {
+	value := pod.annotations
+	not is_object(value)
 }
 
 input_problems contains concat("", ["request.attributes.", name, " is not a string list"]) if {
@@ -138,19 +155,6 @@ input_problems contains concat("", ["request.attributes.", name, " is not a stri
 	not is_string_list(value)
 }
 
-is_nonempty_string(value) if {
-	is_string(value)
-	value != ""
-}
-
-has_type(value, "string") if is_string(value)
-
-has_type(value, "string list") if is_string_list(value)
-
-has_type(value, "number") if is_number(value)
-
-has_type(value, "boolean") if is_boolean(value)
-
-reasons contains concat("", ["POLICY_INPUT_INVALID: ", problem]) if {
+violations contains concat("", ["POLICY_INPUT_INVALID: ", problem]) if {
 	some problem in input_problems
 }

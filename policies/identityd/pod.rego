@@ -5,27 +5,27 @@ import rego.v1
 
 pod_ref := concat("", [str(pod, "namespace"), "/", str(pod, "name")])
 
-reasons contains "POD_NOT_FOUND: no pod with the token's uid or name" if not pod
+violations contains "POD_NOT_FOUND: no pod with the token's uid or name" if not pod
 
-reasons contains msg if {
+violations contains msg if {
 	got := str(pod, "uid")
 	got != token_pod_uid
 	msg := concat("", ["POD_UID_MISMATCH: pod ", pod_ref, " has uid '", got, "', the token names '", token_pod_uid, "'"])
 }
 
-reasons contains msg if {
+violations contains msg if {
 	got := str(pod, "name")
 	got != token_pod_name
 	msg := concat("", ["POD_NAME_MISMATCH: pod is named '", got, "', the token names '", token_pod_name, "'"])
 }
 
-reasons contains msg if {
+violations contains msg if {
 	got := str(pod, "namespace")
 	got != token_namespace
 	msg := concat("", ["POD_NAMESPACE_MISMATCH: pod is in '", got, "', the token names '", token_namespace, "'"])
 }
 
-reasons contains msg if {
+violations contains msg if {
 	got := str(pod, "service_account")
 	got != token_service_account
 	msg := concat("", [
@@ -34,19 +34,19 @@ reasons contains msg if {
 	])
 }
 
-reasons contains msg if {
+violations contains msg if {
 	phase := str(pod, "phase")
 	phase != "Running"
 	msg := concat("", ["POD_NOT_RUNNING: pod ", pod_ref, " is in phase '", phase, "'"])
 }
 
 # Absent counts as terminating: fail closed.
-reasons contains concat("", ["POD_TERMINATING: pod ", pod_ref, " is being deleted"]) if {
+violations contains concat("", ["POD_TERMINATING: pod ", pod_ref, " is being deleted"]) if {
 	object.get(pod, "terminating", true) != false
 }
 
 # A token without a node (null) skips this check; one with a node must match.
-reasons contains msg if {
+violations contains msg if {
 	node := tok.node
 	is_object(node)
 	want := str(node, "name")
@@ -55,21 +55,19 @@ reasons contains msg if {
 	msg := concat("", ["NODE_MISMATCH: pod ", pod_ref, " is on '", got, "', the token names '", want, "'"])
 }
 
-refresh_enabled_by_config if cfg.allow_refresh == true
+# Read from input directly: the same answer as through cfg / pod (a section
+# that is not an object has no such field), and the grant and fast.rego use
+# them on every refresh.
+refresh_enabled_by_config if input.config.allow_refresh == true
 
-refresh_disabled_by_pod if pod.labels["identityd.io/refresh"] == "false"
+refresh_disabled_by_pod if input.pod.labels["identityd.io/refresh"] == "false"
 
-refresh_allowed if {
-	refresh_enabled_by_config
-	not refresh_disabled_by_pod
-}
-
-reasons contains "REFRESH_NOT_ALLOWED: refresh is disabled in the configuration" if {
+violations contains "REFRESH_NOT_ALLOWED: refresh is disabled in the configuration" if {
 	input.kind == "refresh"
 	not refresh_enabled_by_config
 }
 
-reasons contains concat("", ["REFRESH_NOT_ALLOWED: pod ", pod_ref, " has label identityd.io/refresh=false"]) if {
+violations contains concat("", ["REFRESH_NOT_ALLOWED: pod ", pod_ref, " has label identityd.io/refresh=false"]) if {
 	input.kind == "refresh"
 	refresh_disabled_by_pod
 }

@@ -7,11 +7,11 @@ import rego.v1
 pod_ips := as_set(str_list(pod, "ips"))
 
 # clientIP
-reasons contains "CLIENT_IP_MISMATCH: clientIP is absent or not an IP" if {
+violations contains "CLIENT_IP_MISMATCH: clientIP is absent or not an IP" if {
 	object.get(facts, "client_ip_valid", false) != true
 }
 
-reasons contains msg if {
+violations contains msg if {
 	facts.client_ip_valid == true
 	pod
 	ip := str(facts, "client_ip")
@@ -20,25 +20,25 @@ reasons contains msg if {
 }
 
 # SAN IP: pod IPs only. Without a pod, POD_NOT_FOUND already denies.
-reasons contains msg if {
+violations contains msg if {
 	pod
 	some ip in str_list(facts, "san_ips")
 	not ip in pod_ips
 	msg := concat("", ["SAN_IP_NOT_ALLOWED: ", ip, " is not an IP of pod ", pod_ref])
 }
 
-reasons contains msg if {
+violations contains msg if {
 	pod
 	some ip in str_list(csr, "ips")
 	not ip in pod_ips
 	msg := concat("", ["SAN_IP_NOT_ALLOWED: CSR IP ", ip, " is not an IP of pod ", pod_ref])
 }
 
-reasons contains concat("", ["SAN_IP_NOT_ALLOWED: '", item, "' is not an IP"]) if {
+violations contains concat("", ["SAN_IP_NOT_ALLOWED: '", item, "' is not an IP"]) if {
 	some item in str_list(facts, "san_ips_invalid")
 }
 
-reasons contains concat("", ["SAN_IP_NOT_ALLOWED: CSR IP '", item, "' is not an IP"]) if {
+violations contains concat("", ["SAN_IP_NOT_ALLOWED: CSR IP '", item, "' is not an IP"]) if {
 	some item in str_list(facts, "csr_ips_invalid")
 }
 
@@ -53,12 +53,12 @@ allowed_dns contains name if {
 	]
 }
 
-reasons contains concat("", ["SAN_DNS_NOT_ALLOWED: ", name]) if {
+violations contains concat("", ["SAN_DNS_NOT_ALLOWED: ", name]) if {
 	some name in str_list(attrs, "sanDNS")
 	not name in allowed_dns
 }
 
-reasons contains concat("", ["SAN_DNS_NOT_ALLOWED: CSR DNS ", name]) if {
+violations contains concat("", ["SAN_DNS_NOT_ALLOWED: CSR DNS ", name]) if {
 	some name in str_list(csr, "dns")
 	not name in allowed_dns
 }
@@ -74,12 +74,12 @@ allowed_uris := {
 	concat("", ["athenz://instanceid/", str(cfg, "provider"), "/", token_pod_uid]),
 }
 
-reasons contains concat("", ["SAN_URI_NOT_ALLOWED: ", uri]) if {
+violations contains concat("", ["SAN_URI_NOT_ALLOWED: ", uri]) if {
 	some uri in str_list(attrs, "sanURI")
 	not uri in allowed_uris
 }
 
-reasons contains concat("", ["SAN_URI_NOT_ALLOWED: CSR URI ", uri]) if {
+violations contains concat("", ["SAN_URI_NOT_ALLOWED: CSR URI ", uri]) if {
 	some uri in str_list(csr, "uris")
 	not uri in allowed_uris
 }
