@@ -40,8 +40,15 @@ def test_every_serve_flag_comes_from_the_option_table() -> None:
 
 
 def exported_metrics() -> set[str]:
+    """Every family the server registers: the core ones, the watch's and TokenReview's."""
+    from identityd.inventory.watch import WatchMetrics
+    from identityd.tokens.tokenreview import TokenReviewMetrics
+
+    metrics = Metrics()
+    WatchMetrics(metrics.registry)
+    TokenReviewMetrics(metrics.registry)
     names = set()
-    for family in Metrics().registry.collect():
+    for family in metrics.registry.collect():
         names.add(family.name + "_total" if family.type == "counter" else family.name)
     return names
 
