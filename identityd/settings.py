@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 # purpose: it widens every token's validity window by this much at both ends.
 CLOCK_SKEW_SECONDS = 30
 # Refetch a JWKS on an unknown `kid` at most this often, so a flood of forged
-# kids cannot turn into a flood of requests to the key endpoint.
-JWKS_REFETCH_INTERVAL_SECONDS = 30.0
+# kids cannot turn into a flood of requests to the key endpoint (at most 2/s),
+# while a rotated key is picked up within a second.
+JWKS_REFETCH_INTERVAL_SECONDS = 0.5
 # Refresh a JWKS URL in the background this often even without unknown kids.
 JWKS_MAX_AGE_SECONDS = 3600.0
 # Timeout for one JWKS fetch.

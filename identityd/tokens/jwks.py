@@ -61,7 +61,7 @@ MAX_JWKS_KEYS = 64
 # signature check; Kubernetes tokens always carry a kid).
 MAX_KIDLESS_CANDIDATES = 4
 # While no key set has ever loaded, retry the source at most this often.
-COLD_RETRY_SECONDS = 1.0
+COLD_RETRY_SECONDS = 0.5
 # RSA moduli beyond this are refused: verification cost grows with the size.
 _MAX_RSA_BITS = 8192
 _MAX_RSA_EXPONENT_BITS = 64
