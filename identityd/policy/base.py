@@ -33,8 +33,11 @@ class Decision:
         return tuple(r.split(":", 1)[0].strip() for r in self.reasons)
 
     def as_document(self) -> dict[str, Any]:
-        return {"allow": self.allow, "reasons": list(self.reasons),
-                "attributes": dict(self.attributes)}
+        return {
+            "allow": self.allow,
+            "reasons": list(self.reasons),
+            "attributes": dict(self.attributes),
+        }
 
 
 def decision_from_document(doc: object) -> Decision:

@@ -122,8 +122,7 @@ class OPAEngine:
     @property
     def ready(self) -> bool:
         """A good set is pushed, OPA was last seen holding it, and OPA answers."""
-        return (not self._closed and self._good is not None and self._in_sync
-                and self._answering)
+        return not self._closed and self._good is not None and self._in_sync and self._answering
 
     @property
     def module_ids(self) -> tuple[str, ...]:
@@ -143,8 +142,7 @@ class OPAEngine:
                 rejections = await self._converge(target)
                 if rejections:
                     await self._roll_back()
-                    raise PolicyCompileError(rejections[0].message,
-                                             module=rejections[0].module_id)
+                    raise PolicyCompileError(rejections[0].message, module=rejections[0].module_id)
             except PolicyUnavailable:
                 # What OPA holds is unknown: no decisions until the check has seen it.
                 self._in_sync = False
@@ -162,8 +160,9 @@ class OPAEngine:
                 while not self._gate.is_set():
                     await self._gate.wait()
                 if self._closed or self._good is None or not self._in_sync:
-                    raise PolicyUnavailable("POLICY_NOT_LOADED",
-                                            "OPA does not hold the policy set (yet)")
+                    raise PolicyUnavailable(
+                        "POLICY_NOT_LOADED", "OPA does not hold the policy set (yet)"
+                    )
                 self._in_flight += 1
                 self._idle.clear()
                 try:
@@ -214,10 +213,15 @@ class OPAEngine:
             return
         self._started = True
         stack = AsyncExitStack()
-        self._client = await stack.enter_async_context(AsyncOpaClient(
-            host=self._host, port=self._port, ssl=self._https, retries=0,
-            timeout=max(self._timeout, self._admin_timeout),
-        ))
+        self._client = await stack.enter_async_context(
+            AsyncOpaClient(
+                host=self._host,
+                port=self._port,
+                ssl=self._https,
+                retries=0,
+                timeout=max(self._timeout, self._admin_timeout),
+            )
+        )
         self._stack = stack
         self._task = asyncio.create_task(self._check_loop(), name="identityd-opa-check")
 
@@ -243,8 +247,11 @@ class OPAEngine:
                 return True
             self._in_sync = False
             missing = sum(1 for m in good if m not in held)
-            log.warning("OPA lost or changed identityd's policies (%d of %d missing); "
-                        "pushing them again", missing, len(good))
+            log.warning(
+                "OPA lost or changed identityd's policies (%d of %d missing); pushing them again",
+                missing,
+                len(good),
+            )
             self.repushes += 1
             try:
                 async with self._exclusive():
@@ -253,8 +260,11 @@ class OPAEngine:
                 log.warning("re-pushing the policies to OPA failed: %s", exc)
                 return False
             if rejections:
-                log.error("OPA no longer accepts the policy set: %s: %s",
-                          rejections[0].module_id, rejections[0].message)
+                log.error(
+                    "OPA no longer accepts the policy set: %s: %s",
+                    rejections[0].module_id,
+                    rejections[0].message,
+                )
                 return False
             self._in_sync = True
             log.info("policy set restored in OPA")
@@ -290,8 +300,9 @@ class OPAEngine:
         if held != self._good:
             self._in_sync = False
             self._wake.set()
-            raise PolicyUnavailable("POLICY_NOT_LOADED",
-                                    "OPA does not hold the policy set; pushing it again")
+            raise PolicyUnavailable(
+                "POLICY_NOT_LOADED", "OPA does not hold the policy set; pushing it again"
+            )
         raise PolicyUnavailable("POLICY_UNDEFINED", "the decision is undefined")
 
     async def _roll_back(self) -> None:
@@ -301,8 +312,11 @@ class OPAEngine:
         if rejections:
             self._in_sync = False
             self._wake.set()
-            log.error("OPA refused the previous policy set back: %s: %s",
-                      rejections[0].module_id, rejections[0].message)
+            log.error(
+                "OPA refused the previous policy set back: %s: %s",
+                rejections[0].module_id,
+                rejections[0].message,
+            )
 
     # --- OPA calls -----------------------------------------------------------
 
@@ -350,7 +364,7 @@ class OPAEngine:
                 continue
             policy_id, raw = policy.get("id"), policy.get("raw")
             if isinstance(policy_id, str) and policy_id.startswith(self._prefix):
-                held[policy_id[len(self._prefix):]] = raw if isinstance(raw, str) else ""
+                held[policy_id[len(self._prefix) :]] = raw if isinstance(raw, str) else ""
         return held
 
     async def _put(self, module_id: str, source: str) -> _Rejection | None:
@@ -364,8 +378,9 @@ class OPAEngine:
                 raise PolicyUnavailable(
                     "POLICY_ENGINE_ERROR", f"PUT policy {module_id}: {exc.expression}"
                 ) from None
-            return _Rejection(module_id, _describe(exc.message, exc.errors, self._prefix,
-                                                   module_id))
+            return _Rejection(
+                module_id, _describe(exc.message, exc.errors, self._prefix, module_id)
+            )
         return None
 
     async def _delete(self, module_id: str) -> _Rejection | None:
@@ -428,9 +443,7 @@ async def _translated(what: str, seconds: float | None) -> AsyncIterator[None]:
             "POLICY_UNAVAILABLE", f"{what}: cannot reach OPA ({type(exc).__name__})"
         ) from None
     except (aiohttp.ClientError, ValueError) as exc:  # ValueError: a body that is not JSON
-        raise PolicyUnavailable(
-            "POLICY_ENGINE_ERROR", f"{what}: {type(exc).__name__}"
-        ) from None
+        raise PolicyUnavailable("POLICY_ENGINE_ERROR", f"{what}: {type(exc).__name__}") from None
 
 
 # --- pure helpers ---------------------------------------------------------------------
@@ -473,8 +486,9 @@ def _validate_modules(modules: Mapping[str, str]) -> dict[str, str]:
         if not _MODULE_ID.match(module_id) or any(
             part in (".", "..") for part in module_id.split("/")
         ):
-            raise PolicyCompileError("the module id is not usable as an OPA policy id",
-                                     module=module_id)
+            raise PolicyCompileError(
+                "the module id is not usable as an OPA policy id", module=module_id
+            )
         if not source.strip():
             raise PolicyCompileError("the module is empty", module=module_id)
         target[module_id] = source
@@ -502,7 +516,7 @@ def _describe(message: object, errors: object, prefix: str, module_id: str) -> s
         location = error.get("location")
         if isinstance(location, dict):
             file = str(location.get("file", ""))
-            file = file[len(prefix):] if file.startswith(prefix) else file
+            file = file[len(prefix) :] if file.startswith(prefix) else file
             where = f"row {location.get('row')}, col {location.get('col')}"
             text += f" ({where})" if file in ("", module_id) else f" ({file}: {where})"
         details.append(text)

@@ -67,8 +67,7 @@ def load_policy_dir(path: str | os.PathLike[str]) -> dict[str, str]:
     for dirpath, dirnames, filenames in os.walk(root, onerror=walk_error):
         here = Path(dirpath)
         dirnames[:] = sorted(
-            d for d in dirnames
-            if not d.startswith(".") and not (here == root and d == _TESTS_DIR)
+            d for d in dirnames if not d.startswith(".") and not (here == root and d == _TESTS_DIR)
         )
         for name in filenames:
             if name.startswith(".") or not name.endswith(".rego"):
