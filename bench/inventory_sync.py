@@ -204,8 +204,8 @@ def pct(values: list[float], q: float) -> float:
 async def run(args: argparse.Namespace, url: str,
               conn: multiprocessing.connection.Connection) -> dict[str, Any]:
     from identityd.inventory.base import PodRecord
-    from identityd.kubeapi import KubeConnection
     from identityd.inventory.watch import WatchInventory, WatchSettings
+    from identityd.kubeapi import KubeConnection
 
     lags: list[float] = []
     counting = {"events": 0}
@@ -266,17 +266,18 @@ async def run(args: argparse.Namespace, url: str,
 
 
 def compare_models(count: int) -> dict[str, Any]:
-    """Parse one PodList both ways: raw JSON + record_from_pod vs the client's models."""
+    """Parse one PodList both ways: raw JSON + RecordBuilder vs the client's models."""
     from types import SimpleNamespace
 
     from kubernetes_asyncio import client as k8s
 
-    from identityd.inventory.store import record_from_pod
+    from identityd.inventory.store import RecordBuilder
 
     body = json.dumps({"kind": "PodList", "apiVersion": "v1", "metadata": {
         "resourceVersion": "1"}, "items": [bench_pod(i) for i in range(count)]})
     t0 = time.perf_counter()
-    records = [record_from_pod(item) for item in json.loads(body)["items"]]
+    build = RecordBuilder()
+    records = [build(item) for item in json.loads(body)["items"]]
     raw = time.perf_counter() - t0
     api = k8s.ApiClient.__new__(k8s.ApiClient)  # deserialize() needs no session
     api.configuration = k8s.Configuration()

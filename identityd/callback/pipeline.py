@@ -85,10 +85,16 @@ class Pipeline:
         return Outcome(request=req, claims=claims, decision=decision)
 
     async def _find_pod(self, claims: TokenClaims) -> tuple[PodRecord | None, str]:
-        """The pod the token names: by uid; else by name, so a recycled name is visible."""
+        """The pod the token names: by uid; else by name, so a recycled name is visible.
+
+        The uid goes with the name: a pod recreated under its name ahead of the watch
+        is read through for the new token, while an old token still meets the new
+        uid (POD_UID_MISMATCH) or no pod (POD_NOT_FOUND)."""
         if not self._inventory.ready:
             raise InventoryUnavailable("INVENTORY_UNAVAILABLE", "pod inventory not synced")
         pod = await self._inventory.get_by_uid(claims.pod_uid)
         if pod is not None:
             return pod, "uid"
-        return await self._inventory.get(claims.namespace, claims.pod_name), "name"
+        return await self._inventory.get(
+            claims.namespace, claims.pod_name, uid=claims.pod_uid
+        ), "name"

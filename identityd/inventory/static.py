@@ -22,7 +22,7 @@ import yaml
 
 from identityd.errors import ConfigError
 from identityd.inventory.base import PodRecord
-from identityd.inventory.store import DEFAULT_ANNOTATION_KEYS, PodStore, record_from_pod
+from identityd.inventory.store import DEFAULT_ANNOTATION_KEYS, PodStore, RecordBuilder
 
 _CODE = "POD_FILE_INVALID"
 _LIST_KINDS = ("PodList", "List")
@@ -76,7 +76,8 @@ class StaticInventory:
     async def get_by_uid(self, uid: str) -> PodRecord | None:
         return self._store.get_by_uid(uid)
 
-    async def get(self, namespace: str, name: str) -> PodRecord | None:
+    async def get(self, namespace: str, name: str, *, uid: str | None = None) -> PodRecord | None:
+        # ``uid`` is ignored: a file has nothing newer to read through to.
         return self._store.get(namespace, name)
 
     async def aclose(self) -> None:
@@ -92,12 +93,12 @@ def load_pod_file(
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError(_CODE, f"{path}: cannot read pod file: {reason}") from exc
-    keys = tuple(annotation_keys)
+    build = RecordBuilder(annotation_keys)
     records: list[PodRecord] = []
     uids: set[str] = set()
     names: set[tuple[str, str]] = set()
     for index, item in enumerate(_items(_documents(text, path), path)):
-        record = _record(item, keys, f"{path}: item {index}")
+        record = _record(item, build, f"{path}: item {index}")
         if record.uid in uids:
             raise ConfigError(_CODE, f"{path}: item {index}: uid {record.uid} given twice")
         if (record.namespace, record.name) in names:
@@ -143,13 +144,13 @@ def _items(documents: list[object], path: str | Path) -> Iterator[object]:
             )
 
 
-def _record(item: object, keys: tuple[str, ...], where: str) -> PodRecord:
+def _record(item: object, build: RecordBuilder, where: str) -> PodRecord:
     if not isinstance(item, Mapping):
         raise ConfigError(_CODE, f"{where}: expected a Pod object, got {type(item).__name__}")
     kind = item.get("kind", "Pod")
     if kind != "Pod":
         raise ConfigError(_CODE, f"{where}: kind {kind!r} is not a Pod")
-    record = record_from_pod(item, annotation_keys=keys)
+    record = build(item)
     if record is None:
         raise ConfigError(_CODE, f"{where}: a Pod needs metadata.uid, namespace and name")
     return record

@@ -13,8 +13,10 @@ while a scope's watch has been down longer than ``staleness_seconds``; lookups
 then raise InventoryUnavailable (503), never answer from stale data.
 
 A pod the token names can be ahead of the watch: :meth:`WatchInventory.get`
-reads through with one GET on a miss (coalesced per name, a few at a time,
-answers reused briefly), and the result enters the cache.
+reads through with one GET on a miss, or when the cached pod of that name has
+another uid than the caller's (a pod recreated under its name); coalesced per
+name, a few at a time, answers reused briefly. The answer enters the cache, and
+a cached uid it shows gone leaves it.
 
 Testable in one step: :meth:`WatchInventory.step` runs one iteration of every
 scope's loop (a list, or one watch stream until it ends) without background tasks.
@@ -35,7 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from identityd.errors import InventoryUnavailable
 from identityd.inventory.base import PodRecord
-from identityd.inventory.store import DEFAULT_ANNOTATION_KEYS, PodStore, record_from_pod
+from identityd.inventory.store import DEFAULT_ANNOTATION_KEYS, PodStore, RecordBuilder
 from identityd.kubeapi import KubeAPIError, KubeConnection, PodsAPI
 
 log = logging.getLogger(__name__)
@@ -109,41 +111,58 @@ class WatchMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
         self.events = Counter(
-            "identityd_inventory_events_total", "Pod watch events applied, by type.",
-            ["type"], registry=r,
+            "identityd_inventory_events_total",
+            "Pod watch events applied, by type.",
+            ["type"],
+            registry=r,
         )
         self.relists = Counter(
             "identityd_inventory_relists_total",
             "Full pod lists, by reason (initial, expired = 410 Gone, resync = periodic).",
-            ["reason"], registry=r,
+            ["reason"],
+            registry=r,
         )
         self.resync_repairs = Counter(
             "identityd_inventory_resync_repairs_total",
             "Pod records a periodic resync found missing, extra or different: drift the "
-            "watch missed.", registry=r,
+            "watch missed.",
+            registry=r,
         )
         self.watch_restarts = Counter(
             "identityd_inventory_watch_restarts_total",
             "Pod watch streams ended, by reason (timeout = server ended it, resync, "
-            "inactive, expired = 410, error).", ["reason"], registry=r,
+            "inactive, expired = 410, error).",
+            ["reason"],
+            registry=r,
         )
         self.last_event = Gauge(
             "identityd_inventory_last_event_timestamp_seconds",
             "Unix time of the last pod watch event or bookmark (time since = now - this).",
-            multiprocess_mode="max", registry=r,
+            multiprocess_mode="max",
+            registry=r,
         )
         self.read_through = Counter(
             "identityd_inventory_read_through_total",
             "Cache misses read through to the API server, by result (hit = pod found, "
-            "miss = not found, error = failed or timed out).", ["result"], registry=r,
+            "miss = not found, error = failed or timed out).",
+            ["result"],
+            registry=r,
         )
 
 
 class _Shard:
     """One list+watch: every namespace (``namespace`` None) or one."""
 
-    __slots__ = ("down_since", "expired_in_row", "failures", "namespace", "next_resync", "rv",
-                 "store", "synced")
+    __slots__ = (
+        "down_since",
+        "expired_in_row",
+        "failures",
+        "namespace",
+        "next_resync",
+        "rv",
+        "store",
+        "synced",
+    )
 
     def __init__(self, namespace: str | None) -> None:
         self.namespace = namespace
@@ -162,9 +181,11 @@ class _Shard:
 
 @dataclass
 class _Flight:
-    """One in-flight read-through; uids deleted by the watch meanwhile are not inserted."""
+    """One in-flight read-through; uids deleted by the watch meanwhile are not inserted,
+    nor is anything once a relist has swapped the cache meanwhile (it may be newer)."""
 
     deleted: set[str] = field(default_factory=set)
+    relisted: bool = False
     task: asyncio.Task[PodRecord | None] | None = None
 
 
@@ -189,11 +210,11 @@ class WatchInventory:
         observer: EventObserver | None = None,
     ) -> None:
         if not isinstance(connection, KubeConnection):
-            raise TypeError(f"connection: expected KubeConnection, got "
-                            f"{type(connection).__name__}")
+            raise TypeError(f"connection: expected KubeConnection, got {type(connection).__name__}")
         self._connection = connection
         self._settings = settings = settings if settings is not None else WatchSettings()
-        self._annotation_keys = tuple(annotation_keys)
+        # One builder for every list, event and read-through: equal label sets shared.
+        self._build = RecordBuilder(annotation_keys)
         self._metrics = metrics
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrecy
@@ -311,8 +332,9 @@ class WatchInventory:
             if shard.down_since is not None and (
                 now - shard.down_since > self._settings.staleness_seconds
             ):
-                return "INVENTORY_STALE", (f"pod watch in {shard.scope} down for "
-                                           f"{now - shard.down_since:.0f}s")
+                return "INVENTORY_STALE", (
+                    f"pod watch in {shard.scope} down for {now - shard.down_since:.0f}s"
+                )
         return None
 
     def _check_ready(self) -> None:
@@ -323,8 +345,9 @@ class WatchInventory:
     def _raise_if_crashed(self) -> None:
         for task in self._tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
-                raise InventoryUnavailable("INVENTORY_UNAVAILABLE",
-                                           "pod watch stopped") from task.exception()
+                raise InventoryUnavailable(
+                    "INVENTORY_UNAVAILABLE", "pod watch stopped"
+                ) from task.exception()
 
     def _mark_down(self, shard: _Shard, since: float | None = None) -> None:
         if shard.down_since is None:
@@ -347,8 +370,9 @@ class WatchInventory:
             if exc.expired and shard.rv is not None:
                 # 410 on the watch: our resourceVersion is gone; list again, at once the
                 # first time, with backoff if even a fresh list's version is refused.
-                log.info("pod watch %s: resourceVersion %s expired; relisting",
-                         shard.scope, shard.rv)
+                log.info(
+                    "pod watch %s: resourceVersion %s expired; relisting", shard.scope, shard.rv
+                )
                 shard.rv = None
                 shard.expired_in_row += 1
                 if shard.expired_in_row == 1:
@@ -359,8 +383,13 @@ class WatchInventory:
             shard.failures += 1
             self._mark_down(shard)
             delay = self._backoff(shard.failures)
-            log.warning("pod watch %s: %s (failure %d; retry in %.2fs)", shard.scope, exc,
-                        shard.failures, delay)
+            log.warning(
+                "pod watch %s: %s (failure %d; retry in %.2fs)",
+                shard.scope,
+                exc,
+                shard.failures,
+                delay,
+            )
         await asyncio.sleep(delay)
 
     def _backoff(self, failures: int) -> float:
@@ -376,7 +405,10 @@ class WatchInventory:
         reason = "initial" if not shard.synced else ("expired" if shard.rv is None else "resync")
         api = self._require_api()
         listing = functools.partial(
-            api.list_all, shard.namespace, self._record, label_selector=s.label_selector,
+            api.list_all,
+            shard.namespace,
+            self._build,
+            label_selector=s.label_selector,
             request_timeout=s.request_timeout_seconds,
         )
         try:
@@ -391,6 +423,8 @@ class WatchInventory:
         if reason == "resync" and self._metrics is not None:
             self._metrics.resync_repairs.inc(_drift(shard.store, records))
         shard.store.replace_all(records)
+        for flight in self._flights.values():
+            flight.relisted = True
         shard.rv = rv
         shard.synced = True
         shard.down_since = None
@@ -399,11 +433,9 @@ class WatchInventory:
             shard.next_resync = self._clock() + s.resync_seconds * (1 + 0.1 * self._rng.random())
         if self._metrics is not None:
             self._metrics.relists.labels(reason=reason).inc()
-        log.info("pod list %s (%s): %d pods at resourceVersion %s", shard.scope, reason,
-                 len(records), rv)
-
-    def _record(self, obj: dict[str, Any]) -> PodRecord | None:
-        return record_from_pod(obj, annotation_keys=self._annotation_keys)
+        log.info(
+            "pod list %s (%s): %d pods at resourceVersion %s", shard.scope, reason, len(records), rv
+        )
 
     async def _watch(self, shard: _Shard) -> None:
         api = self._require_api()
@@ -414,8 +446,11 @@ class WatchInventory:
             until_resync = max(0.0, shard.next_resync - self._clock())
             timeout = min(timeout, until_resync)
         stream = await api.watch(
-            shard.namespace, resource_version=shard.rv or "", label_selector=s.label_selector,
-            timeout_seconds=max(1, int(timeout)), connect_timeout=s.connect_timeout_seconds,
+            shard.namespace,
+            resource_version=shard.rv or "",
+            label_selector=s.label_selector,
+            timeout_seconds=max(1, int(timeout)),
+            connect_timeout=s.connect_timeout_seconds,
             inactivity_timeout=s.inactivity_timeout_seconds,
         )
         shard.down_since = None  # connected from our resourceVersion: caught up
@@ -437,8 +472,13 @@ class WatchInventory:
             reason = "resync"
             return
         except KubeAPIError as exc:
-            reason = ("expired" if exc.expired
-                      else "inactive" if exc.code == "KUBE_WATCH_INACTIVE" else "error")
+            reason = (
+                "expired"
+                if exc.expired
+                else "inactive"
+                if exc.code == "KUBE_WATCH_INACTIVE"
+                else "error"
+            )
             raise
         except asyncio.CancelledError:
             reason = "stopped"
@@ -450,8 +490,9 @@ class WatchInventory:
             if self._metrics is not None and reason != "stopped":
                 self._metrics.watch_restarts.labels(reason=reason).inc()
         if not received and self._clock() - opened < _MIN_HEALTHY_WATCH_SECONDS:
-            raise KubeAPIError("KUBE_WATCH_CLOSED", "watch pods: the server ended the "
-                               "stream at once")
+            raise KubeAPIError(
+                "KUBE_WATCH_CLOSED", "watch pods: the server ended the stream at once"
+            )
 
     def _apply(self, shard: _Shard, event: dict[str, Any]) -> None:
         kind = event.get("type")
@@ -460,7 +501,7 @@ class WatchInventory:
         meta = meta if isinstance(meta, dict) else {}
         record: PodRecord | None = None
         if kind in ("ADDED", "MODIFIED"):
-            record = record_from_pod(obj, annotation_keys=self._annotation_keys)
+            record = self._build(obj)
             if record is not None:
                 shard.store.upsert(record)
         elif kind == "DELETED":
@@ -470,8 +511,9 @@ class WatchInventory:
                 for flight in self._flights.values():
                     flight.deleted.add(uid)
         elif kind != "BOOKMARK":
-            raise KubeAPIError("KUBE_BAD_RESPONSE", f"watch pods: unknown event type {kind!r}",
-                               status=200)
+            raise KubeAPIError(
+                "KUBE_BAD_RESPONSE", f"watch pods: unknown event type {kind!r}", status=200
+            )
         rv = meta.get("resourceVersion")
         if isinstance(rv, str) and rv:
             shard.rv = rv
@@ -512,12 +554,16 @@ class WatchInventory:
     ) -> PodRecord | None:
         api = self._require_api()
         s = self._settings
+        held = shard.store.get(namespace, name)  # a pod of this name the cache has now
         try:
             async with asyncio.timeout(s.read_through_timeout_seconds), self._read_slots:
                 if s.label_selector:
                     # The server applies the selector: a pod outside it is not ours.
                     found, _ = await api.list_all(
-                        namespace, _identity, limit=0, label_selector=s.label_selector,
+                        namespace,
+                        _identity,
+                        limit=0,
+                        label_selector=s.label_selector,
                         field_selector=f"metadata.name={name}",
                         request_timeout=s.read_through_timeout_seconds,
                     )
@@ -533,10 +579,14 @@ class WatchInventory:
             raise InventoryUnavailable(
                 "INVENTORY_LOOKUP_FAILED", f"read-through of pod {namespace}/{name}: {code}"
             ) from exc
-        record = record_from_pod(obj, annotation_keys=self._annotation_keys) if obj else None
+        record = self._build(obj) if obj else None
         if record is not None and record.uid in flight.deleted:
             record = None  # the watch saw it deleted while we asked
-        if record is not None:
+        if held is not None and (record is None or record.uid != held.uid):
+            # The name has no pod now, or another: a name is unique at any moment, so
+            # the uid the cache held under it is gone for good (its DELETED is late).
+            shard.store.delete(held.uid)
+        if record is not None and not flight.relisted:
             current = shard.store.get(namespace, name)
             if current is not None and current.uid == record.uid:
                 record = current  # the watch got there first and is at least as fresh
@@ -569,8 +619,11 @@ def _log_crash(task: asyncio.Task[None]) -> None:
     # The loop only ends by cancellation; anything else is a bug, and the inventory
     # now answers "not ready" (fail closed) rather than serve a cache nobody updates.
     if not task.cancelled() and task.exception() is not None:
-        log.error("%s stopped; the pod inventory is no longer ready", task.get_name(),
-                  exc_info=task.exception())
+        log.error(
+            "%s stopped; the pod inventory is no longer ready",
+            task.get_name(),
+            exc_info=task.exception(),
+        )
 
 
 def _drift(store: PodStore, fresh: list[PodRecord]) -> int:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import copy
+import ipaddress
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from identityd.inventory import PodRecord, record_from_pod
+from identityd.inventory import PodRecord, RecordBuilder, record_from_pod
+from identityd.inventory.store import canonical_ip
 
 UID = "5b8c1f8e-1c2d-4e5f-8a9b-0c1d2e3f4a5b"
 
@@ -67,7 +71,6 @@ BASE = PodRecord(
     annotations={"identityd.io/domain": "sports.web"},
     start_time="2026-11-25T10:00:00Z",
     deletion_timestamp=None,
-    resource_version="4711",
 )
 
 
@@ -116,7 +119,6 @@ CASES: list[tuple[str, dict[str, Any], PodRecord | None]] = [
     ("NUL annotation dropped", pod(metadata__annotations={"identityd.io/a": "x\x00y",
                                                           "identityd.io/b": "ok"}),
      expect(annotations={"identityd.io/b": "ok"})),
-    ("no resourceVersion", pod(metadata__resourceVersion=None), expect(resource_version="")),
     ("spec not a map", pod(spec="junk"),
      expect(service_account="default", node_name=None)),
     ("missing uid", pod(metadata__uid=None), None),
@@ -185,3 +187,108 @@ def test_datetimes_from_yaml_or_client_models(value: object, expected: str | Non
     assert record is not None
     assert (record.start_time, record.deletion_timestamp) == (expected, expected)
     assert record.terminating is (expected is not None)
+
+
+def test_labels_and_annotations_are_read_only() -> None:
+    record = record_from_pod(pod())
+    assert record is not None
+    with pytest.raises(TypeError):
+        record.labels["app"] = "other"  # type: ignore[index]
+    with pytest.raises(TypeError):
+        record.annotations["identityd.io/domain"] = "x"  # type: ignore[index]
+    # The policy input copies them; a copy is an ordinary dict.
+    copied = dict(record.labels)
+    copied["app"] = "other"
+    assert record.labels["app"] == "api"
+
+
+def test_a_hand_built_record_copies_its_dicts() -> None:
+    labels = {"app": "api"}
+    record = PodRecord(uid="u", namespace="ns", name="a", service_account="sa",
+                       phase="Running", ips=(), node_name=None, labels=labels)
+    labels["app"] = "changed"
+    assert record.labels == {"app": "api"}
+    with pytest.raises(TypeError):
+        record.labels["app"] = "x"  # type: ignore[index]
+    assert record.annotations == {}
+    with pytest.raises(TypeError, match="labels"):
+        PodRecord(uid="u", namespace="ns", name="a", service_account="sa", phase="Running",
+                  ips=(), node_name=None, labels=["app"])  # type: ignore[arg-type]
+
+
+def test_builder_shares_equal_label_sets() -> None:
+    build = RecordBuilder()
+    # Separate dicts and strings for each pod, as each JSON page parses them.
+    a, b, c = (build(pod(metadata__uid=f"u{i}", metadata__name=f"p{i}",
+                         metadata__labels={"app": "".join(["a", "pi"]), "tier": app_tier}))
+               for i, app_tier in enumerate(["web", "web", "db"]))
+    assert a is not None and b is not None and c is not None
+    assert a.labels is b.labels  # one mapping for both
+    assert a.labels == {"app": "api", "tier": "web"}
+    assert c.labels is not a.labels and c.labels == {"app": "api", "tier": "db"}
+    assert build.label_sets == 2
+    empty = build(pod(metadata__labels={}))
+    none = build(pod(metadata__labels=None))
+    assert empty is not None and none is not None and empty.labels is none.labels
+
+
+def test_builder_shares_after_dropping_mistyped_labels() -> None:
+    build = RecordBuilder()
+    clean = build(pod(metadata__labels={"app": "api"}))
+    mistyped = build(pod(metadata__labels={"app": "api", "n": 1, "l": ["x"]}))
+    assert clean is not None and mistyped is not None
+    assert mistyped.labels is clean.labels
+    assert build.label_sets == 1
+
+
+def test_builder_table_is_bounded() -> None:
+    build = RecordBuilder(max_label_sets=3)
+    records = [build(pod(metadata__labels={"app": f"a{i}"})) for i in range(7)]
+    assert build.label_sets <= 3
+    assert [r.labels for r in records if r is not None] == [{"app": f"a{i}"} for i in range(7)]
+    # Past the limit it starts over and shares again.
+    again = build(pod(metadata__labels={"app": "a6"}))
+    assert again is not None and records[6] is not None and again.labels is records[6].labels
+
+
+def test_records_without_annotations_share_one_empty_mapping() -> None:
+    build = RecordBuilder()
+    a = build(pod(metadata__annotations={"unrelated": "x"}))
+    b = build(pod(metadata__annotations=None))
+    assert a is not None and b is not None
+    assert a.annotations is b.annotations and a.annotations == {}
+
+
+def test_builder_refuses_bad_arguments() -> None:
+    with pytest.raises(TypeError, match="annotation_keys"):
+        RecordBuilder("identityd.io/")
+    with pytest.raises(TypeError, match="annotation_keys"):
+        RecordBuilder([1])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="max_label_sets"):
+        RecordBuilder(max_label_sets=-1)
+
+
+def _reference_ip(text: str) -> str | None:
+    try:
+        return ipaddress.ip_address(text).compressed
+    except ValueError:
+        return None
+
+
+@pytest.mark.parametrize("text", [
+    "10.1.2.3", "0.0.0.0", "255.255.255.255", "010.1.2.3", "10.1.2.256", "10.1.2", "10.1.2.3.4",
+    "10.1.2.3 ", " 10.1.2.3", "1e1.1.1.1", "0x1.1.1.1", "\u0661.1.1.1", "10.1.2.3\x00",
+    "", ".", "fd00::1", "FD00:0:0::1", "::ffff:10.1.2.3", "fe80::1%eth0", "::", "1::2::3",
+])
+def test_canonical_ip_agrees_with_ipaddress(text: str) -> None:
+    assert canonical_ip(text) == _reference_ip(text)
+
+
+@given(st.one_of(
+    st.ip_addresses().map(str),
+    st.lists(st.integers(0, 300).map(str) | st.sampled_from(["00", "01", "007", "", "-1"]),
+             min_size=3, max_size=5).map(".".join),
+    st.text(alphabet="0123456789.:abcdefABCDEF%x ", max_size=20),
+))
+def test_canonical_ip_agrees_with_ipaddress_on_anything(text: str) -> None:
+    assert canonical_ip(text) == _reference_ip(text)

@@ -156,3 +156,12 @@ def test_unreadable_files(tmp_path: Path) -> None:
         StaticInventory.from_file(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="cannot read pod file: Is a directory"):
         StaticInventory.from_file(tmp_path)
+
+
+async def test_uid_hint_is_ignored() -> None:
+    record = PodRecord(uid="u1", namespace="ns", name="a", service_account="sa",
+                       phase="Running", ips=(), node_name=None)
+    inventory = StaticInventory([record])
+    assert await inventory.get("ns", "a", uid="u1") is record
+    assert await inventory.get("ns", "a", uid="another") is record  # the caller compares
+    assert await inventory.get("ns", "b", uid="u1") is None

@@ -13,8 +13,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from identityd.errors import InventoryUnavailable
-from identityd.kubeapi import KubeConnection
 from identityd.inventory.watch import WatchInventory, WatchMetrics, WatchSettings
+from identityd.kubeapi import KubeConnection
 from tests.doubles.kube_apiserver import KubeAPIServer
 from tests.doubles.kube_inventory import connection_to, fast_settings, watching
 from tests.doubles.waiting import eventually

@@ -184,3 +184,48 @@ async def test_lookups_before_the_first_list_are_unavailable(api: KubeAPIServer)
         assert await inv.get("ns", "known") is not None
     finally:
         await inv.aclose()
+
+
+async def test_uid_hint_with_the_name_gone_drops_the_cached_uid(api: KubeAPIServer) -> None:
+    old_uid = api.pod("ns", "known")["metadata"]["uid"]
+    async with watching(api) as inv:
+        await api.wait_for_watches(1)
+        with api.muted():  # deleted, and the watch has not said so
+            api.delete_pod("ns", "known")
+        assert await inv.get_by_uid(old_uid) is not None
+        assert await inv.get("ns", "known", uid="some-newer-uid") is None
+        assert gets(api, "known") == 1
+        # A name is unique at any moment: no pod under it now means the old uid is gone.
+        assert await inv.get_by_uid(old_uid) is None
+        assert inv.size() == 0
+
+
+async def test_uid_hint_matching_the_cache_does_not_read_through(api: KubeAPIServer) -> None:
+    uid = api.pod("ns", "known")["metadata"]["uid"]
+    async with watching(api) as inv:
+        record = await inv.get("ns", "known", uid=uid)
+        assert record is not None and record.uid == uid
+        assert gets(api, "known") == 0
+
+
+async def test_read_through_answer_is_not_cached_across_a_relist(api: KubeAPIServer) -> None:
+    registry = CollectorRegistry()
+    async with watching(api, metrics=WatchMetrics(registry)) as inv:
+        await api.wait_for_watches(1)
+        with api.muted():
+            pod = api.add_pod("ns", "brief")
+        api.set_delay(0.5, path="/pods/brief", after=True)  # answered now, delivered late
+        lookup = asyncio.create_task(inv.get("ns", "brief"))
+        await eventually(lambda: gets(api, "brief") == 1)
+        with api.muted():  # gone, and only a relist will tell
+            api.delete_pod("ns", "brief")
+        api.compact()
+        api.drop_watches()  # the watch resumes into 410 and relists
+        await eventually(lambda: registry.get_sample_value(
+            "identityd_inventory_relists_total", {"reason": "expired"}) == 1)
+        record = await lookup
+        # The GET's answer serves its caller, but it must not overwrite a relist that
+        # may be newer: a pod deleted meanwhile would stay cached until the next resync.
+        assert record is not None and record.uid == pod["metadata"]["uid"]
+        assert inv._shards[None].store.get("ns", "brief") is None
+        assert await inv.get_by_uid(pod["metadata"]["uid"]) is None

@@ -48,7 +48,6 @@ async def test_initial_sync_then_events(api: KubeAPIServer) -> None:
             uid=a["metadata"]["uid"], namespace="sports-web", name="api-1", service_account="api",
             phase="Running", ips=("10.1.2.3",), node_name="node-7", labels={"app": "api"},
             annotations={"identityd.io/tier": "gold"}, start_time=a["status"]["startTime"],
-            resource_version=a["metadata"]["resourceVersion"],
         )
         # The watch starts at the list's resourceVersion and asks for bookmarks.
         listed_rv = inv.resource_versions[None]
