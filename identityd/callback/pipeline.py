@@ -90,8 +90,8 @@ class Pipeline:
         The uid goes with the name: a pod recreated under its name ahead of the watch
         is read through for the new token, while an old token still meets the new
         uid (POD_UID_MISMATCH) or no pod (POD_NOT_FOUND)."""
-        if not self._inventory.ready:
-            raise InventoryUnavailable("INVENTORY_UNAVAILABLE", "pod inventory not synced")
+        # The inventory raises InventoryUnavailable with its own precise code
+        # (not synced, stale, lookup failed) when it cannot answer.
         pod = await self._inventory.get_by_uid(claims.pod_uid)
         if pod is not None:
             return pod, "uid"

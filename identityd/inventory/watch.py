@@ -453,7 +453,15 @@ class WatchInventory:
             connect_timeout=s.connect_timeout_seconds,
             inactivity_timeout=s.inactivity_timeout_seconds,
         )
-        shard.down_since = None  # connected from our resourceVersion: caught up
+        if shard.down_since is not None and (
+            self._clock() - shard.down_since > s.staleness_seconds
+        ):
+            # Past the bound the cache is untrusted, and this stream would replay the
+            # outage's events while lookups already answer from it: relist instead.
+            stream.close()
+            shard.rv = None
+            return
+        shard.down_since = None  # connected from our resourceVersion within the bound
         opened = last_data = self._clock()
         received = 0
         reason = "error"

@@ -52,8 +52,9 @@ class JWKSDouble:
         app = web.Application()
         app.router.add_get(self._path, self._jwks)
         # A short shutdown: a delayed handler must not hold up refuse() or close().
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                                     shutdown_timeout=0.1)
+        self._runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, shutdown_timeout=0.1
+        )
         await self._runner.setup()
         await self._listen()
 
