@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from identityd.callback.decision_log import DecisionRecord
 from identityd.callback.policy_input import build_input
 from identityd.callback.request import CallbackRequest, parse_request
-from identityd.errors import Denied, InvalidCSR, InventoryUnavailable
+from identityd.errors import Denied, InvalidCSR
 from identityd.inventory.base import PodInventory, PodRecord
 from identityd.keys.csr import parse_csr, public_key_pem_sha256
 from identityd.policy.base import Decision, PolicyEngine
