@@ -197,6 +197,7 @@ def build_inventory(settings: Settings, metrics: Metrics | None) -> PodInventory
             label_selector=cluster.pod_selector,
             staleness_seconds=cluster.staleness_seconds,
             resync_seconds=cluster.resync_seconds,
+            backoff_max_seconds=cluster.backoff_max_seconds,
         ),
         metrics=WatchMetrics(metrics.registry) if metrics is not None else None,
     )

@@ -149,6 +149,8 @@ class ClusterSettings:
     staleness_seconds: float = 60.0
     # Full relist this often to repair drift; 0 = never.
     resync_seconds: float = 1800.0
+    # Longest wait between watch reconnects (exponential backoff with jitter up to it).
+    backoff_max_seconds: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -150,6 +150,12 @@ OPTIONS: tuple[Option, ...] = (
         "full relist this often to repair drift (0 = never)",
         float,
     ),
+    Option(
+        "--inventory-backoff-max-seconds",
+        "cluster.backoff_max_seconds",
+        "longest wait between pod watch reconnects, seconds",
+        float,
+    ),
     Option("--policies", "policies", "directory of Rego policies (default: policies)"),
     Option(
         "--policy-configmap-namespace",

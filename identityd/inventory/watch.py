@@ -76,7 +76,9 @@ class WatchSettings:
     resync_seconds: float = 1800.0
     # Reconnect backoff: initial * 2^(failures-1), capped, with equal jitter.
     backoff_initial_seconds: float = 0.5
-    backoff_max_seconds: float = 30.0
+    # Capped low on purpose: callbacks get 503 while the watch is down, so being back
+    # within a second of the API server matters more than sparing it one retry a second.
+    backoff_max_seconds: float = 1.0
     # The GET of a pod missing from the cache (a callback waits for it).
     read_through_timeout_seconds: float = 2.0
     # At most this many read-through GETs at a time (others wait, within the timeout).
