@@ -3,6 +3,10 @@ served over real HTTP on loopback with the embedded engine and default policies.
 
 from __future__ import annotations
 
+# isort: off
+import identityd  # noqa: F401 - first: loads regopy before aiohttp (see identityd/__init__)
+# isort: on
+
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
