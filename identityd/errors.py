@@ -37,6 +37,11 @@ class IdentitydError(Exception):
         """Reason strings in the ``CODE: detail`` form the decision document uses."""
         return [f"{self.code}: {self.detail}" if self.detail else self.code]
 
+    @property
+    def codes(self) -> list[str]:
+        """The distinct reason codes, sorted: what a caller may see of a deny."""
+        return sorted({r.split(":", 1)[0].strip() for r in self.reasons})
+
 
 class BadRequest(IdentitydError):
     status = 400

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import gc
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
@@ -281,6 +281,29 @@ class _Collection(_Client):
             await self._json(response, what)  # raises with the Status
         return WatchStream(response, what)
 
+    async def _get_one(
+        self,
+        read: Callable[..., Awaitable[Any]],
+        namespace: str,
+        name: str,
+        what: str,
+        request_timeout: float,
+    ) -> JSONObject | None:
+        """One namespaced GET as raw JSON; None on 404."""
+        try:
+            response: Any = await read(
+                name,
+                namespace,
+                _preload_content=False,
+                _request_timeout=aiohttp.ClientTimeout(total=request_timeout),
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError, ApiException) as exc:
+            raise _transport_error(what, exc) from exc
+        if response.status == 404:
+            response.release()
+            return None
+        return await self._json(response, what)
+
 
 class PodsAPI(_Collection):
     """Pods through one ApiClient (one connection pool). Close with :meth:`aclose`."""
@@ -290,19 +313,9 @@ class PodsAPI(_Collection):
 
     async def get(self, namespace: str, name: str, *, request_timeout: float) -> JSONObject | None:
         """The pod, or None when the API server says 404."""
-        try:
-            response: Any = await self._core.read_namespaced_pod(
-                name,
-                namespace,
-                _preload_content=False,
-                _request_timeout=aiohttp.ClientTimeout(total=request_timeout),
-            )
-        except (aiohttp.ClientError, TimeoutError, OSError, ApiException) as exc:
-            raise _transport_error("get pod", exc) from exc
-        if response.status == 404:
-            response.release()
-            return None
-        return await self._json(response, "get pod")
+        return await self._get_one(
+            self._core.read_namespaced_pod, namespace, name, "get pod", request_timeout
+        )
 
     async def _request(self, namespace: str | None, params: dict[str, Any]) -> Any:
         try:
@@ -323,19 +336,13 @@ class ConfigMapsAPI(_Collection):
 
     async def get(self, namespace: str, name: str, *, request_timeout: float) -> JSONObject | None:
         """The ConfigMap, or None when the API server says 404."""
-        try:
-            response: Any = await self._core.read_namespaced_config_map(
-                name,
-                namespace,
-                _preload_content=False,
-                _request_timeout=aiohttp.ClientTimeout(total=request_timeout),
-            )
-        except (aiohttp.ClientError, TimeoutError, OSError, ApiException) as exc:
-            raise _transport_error("get configmap", exc) from exc
-        if response.status == 404:
-            response.release()
-            return None
-        return await self._json(response, "get configmap")
+        return await self._get_one(
+            self._core.read_namespaced_config_map,
+            namespace,
+            name,
+            "get configmap",
+            request_timeout,
+        )
 
     async def patch(
         self, namespace: str, name: str, patch: JSONObject, *, request_timeout: float

@@ -56,8 +56,7 @@ def error_body(status: int, message: str) -> web.Response:
 
 def public_message(exc: IdentitydError) -> str:
     if isinstance(exc, Denied):
-        codes = sorted({r.split(":", 1)[0].strip() for r in exc.reasons})
-        return ", ".join(codes)
+        return ", ".join(exc.codes)
     if isinstance(exc, Unavailable):
         return exc.code
     return "; ".join(exc.reasons)
@@ -190,7 +189,7 @@ def callback_handler(kind: str) -> Handler:
             record.decision, record.status = "allow", 200
         except IdentitydError as exc:
             record.decision, record.status, record.reasons = _result(exc), exc.status, exc.reasons
-            for code in {r.split(":", 1)[0].strip() for r in exc.reasons}:
+            for code in exc.codes:
                 metrics.reasons.labels(code=code).inc()
             if isinstance(exc, PolicyUnavailable) and exc.code == "POLICY_UNDEFINED":
                 metrics.policy_undefined.inc()

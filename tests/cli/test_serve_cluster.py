@@ -9,30 +9,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import yaml
 
 from identityd.devca.workload import DevCluster
 from identityd.settings import ClusterSettings
 from tests.conftest import Pods, Service, make_settings, start_service
 from tests.doubles.kube_apiserver import KubeAPIServer
-
-
-def write_kubeconfig(path: Path, api: KubeAPIServer) -> str:
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "current-context": "double",
-                "clusters": [{"name": "double", "cluster": {"server": api.url}}],
-                "users": [{"name": "identityd", "user": {"token": api.token}}],
-                "contexts": [
-                    {"name": "double", "context": {"cluster": "double", "user": "identityd"}}
-                ],
-            }
-        )
-    )
-    return str(path)
+from tests.doubles.kube_inventory import write_kubeconfig
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp.test_utils import TestServer
 
 from identityd.app import Edges, build_edges, create_app
@@ -34,6 +33,7 @@ from identityd.metrics import Metrics
 from identityd.settings import ClusterSettings, Settings
 from tests.conftest import Pods, Service, make_settings
 from tests.doubles.kube_apiserver import KubeAPIServer
+from tests.doubles.kube_inventory import write_kubeconfig
 
 # The bound: the first allow within 1 s of the dependency coming back.
 RECOVERY_SECONDS = 1.0
@@ -179,24 +179,6 @@ async def serving(
 
 
 # --- the API server ----------------------------------------------------------------------
-
-
-def write_kubeconfig(path: Path, api: KubeAPIServer) -> str:
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "current-context": "double",
-                "clusters": [{"name": "double", "cluster": {"server": api.url}}],
-                "users": [{"name": "identityd", "user": {"token": api.token}}],
-                "contexts": [
-                    {"name": "double", "context": {"cluster": "double", "user": "identityd"}}
-                ],
-            }
-        )
-    )
-    return str(path)
 
 
 @pytest.fixture
