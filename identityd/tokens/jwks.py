@@ -71,7 +71,7 @@ _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
 # Signature only: time, audience and issuer are checked by validate_claims with
 # an explicit `now`, so pyjwt must not check them against its own clock.
-_SIGNATURE_ONLY: Options = {
+SIGNATURE_ONLY: Options = {
     "verify_signature": True,
     "verify_exp": False,
     "verify_nbf": False,
@@ -680,7 +680,7 @@ def _verified_claims(
     for key in usable:
         try:
             claims: dict[str, Any] = jwt.decode(
-                token, key.public_key, algorithms=[header.alg], options=_SIGNATURE_ONLY
+                token, key.public_key, algorithms=[header.alg], options=SIGNATURE_ONLY
             )
         except jwt.InvalidSignatureError:
             continue
