@@ -20,7 +20,7 @@ from identityd.app import Edges, build_edges, create_app
 from identityd.callback.decision_log import DecisionLog
 from identityd.devca.workload import DevCluster, DevPod
 from identityd.metrics import Metrics
-from identityd.settings import IdentitySettings, Settings, TokenSettings
+from identityd.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = REPO / "policies"
@@ -54,21 +54,7 @@ def pods(cluster: DevCluster) -> Pods:
 
 
 def make_settings(cluster: DevCluster, tmp_path: Path, **overrides: Any) -> Settings:
-    pods_file, jwks_file = cluster.write(tmp_path)
-    settings = Settings(
-        identity=IdentitySettings(
-            provider=cluster.provider,
-            dns_suffixes=(cluster.dns_suffix,),
-            trust_domain=cluster.trust_domain,
-        ),
-        tokens=TokenSettings(
-            issuer=cluster.issuer.issuer, audiences=(cluster.audience,), jwks=str(jwks_file)
-        ),
-        pods=str(pods_file),
-        policies=str(POLICIES),
-        workers=1,
-    )
-    return replace(settings, **overrides)
+    return replace(cluster.settings(tmp_path, policies=POLICIES), **overrides)
 
 
 @dataclass

@@ -22,7 +22,6 @@ import aiohttp
 from identityd.cli.serve import configure_logging, serve_sockets
 from identityd.devca.stack import run_stack
 from identityd.devca.workload import DevCluster, DevPod
-from identityd.settings import IdentitySettings, Settings, TokenSettings
 from identityd.sia.main import agent_once
 
 
@@ -108,26 +107,12 @@ async def _run(policies: Path) -> int:
     cluster.add_pod("payments", "billing-0", "billing", "10.2.0.7", node="node-2")
     gone = DevPod("sports-web", "api-deleted", "api", "10.1.2.9")  # never in the inventory
     with tempfile.TemporaryDirectory(prefix="identityd-demo-") as tmp:
-        pods_file, jwks_file = cluster.write(tmp)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         sock.listen(64)
         sock.setblocking(False)
         port = sock.getsockname()[1]
-        settings = Settings(
-            identity=IdentitySettings(
-                provider=cluster.provider,
-                dns_suffixes=(cluster.dns_suffix,),
-                trust_domain=cluster.trust_domain,
-            ),
-            tokens=TokenSettings(
-                issuer=cluster.issuer.issuer, audiences=(cluster.audience,), jwks=str(jwks_file)
-            ),
-            listen=f"127.0.0.1:{port}",
-            pods=str(pods_file),
-            policies=str(policies),
-            workers=1,
-        )
+        settings = cluster.settings(tmp, policies=policies, listen=f"127.0.0.1:{port}")
         stop = asyncio.Event()
         server = asyncio.create_task(serve_sockets(settings, sock, None, stop))
         failures = 0

@@ -32,7 +32,7 @@ from identityd.devca.server import DEFAULT_CLIENT_CN, DevCAServerSettings, DevCA
 from identityd.devca.state import DevCAFiles, issue_to, load_or_create_authority
 from identityd.devca.workload import DevCluster, DevPod
 from identityd.keys.ca_pem import cert_facts
-from identityd.settings import IdentitySettings, Settings, TLSSettings, TokenSettings
+from identityd.settings import Settings, TLSSettings
 
 ServeIdentityd = Callable[
     [Settings, socket.socket, socket.socket | None, asyncio.Event], Coroutine[Any, Any, None]
@@ -92,19 +92,10 @@ class LocalStack:
         return self.devca.url
 
     def identityd_settings(self, port: int) -> Settings:
-        pods, jwks = self.cluster.write(self.workdir)
         server = self.workdir / "identityd"
-        return Settings(
-            identity=IdentitySettings(
-                provider=self.cluster.provider,
-                dns_suffixes=(self.cluster.dns_suffix,),
-                trust_domain=self.cluster.trust_domain,
-            ),
-            tokens=TokenSettings(
-                issuer=self.cluster.issuer.issuer,
-                audiences=(self.cluster.audience,),
-                jwks=str(jwks),
-            ),
+        return self.cluster.settings(
+            self.workdir,
+            policies=self._policies,
             tls=TLSSettings(
                 cert=str(server / "server.pem"),
                 key=str(server / "server.key"),
@@ -112,9 +103,6 @@ class LocalStack:
                 allowed_clients=self.options.allowed_clients,
             ),
             listen=f"{LOOPBACK}:{port}",
-            pods=str(pods),
-            policies=str(self._policies),
-            workers=1,
         )
 
     async def __aenter__(self) -> LocalStack:

@@ -12,6 +12,7 @@ from typing import Any
 from identityd.keys.csr import build_csr, generate_key
 from identityd.keys.issuer import TokenIssuer
 from identityd.naming import WorkloadIdentity
+from identityd.settings import IdentitySettings, Settings, TokenSettings
 
 DEV_ISSUER = "https://kubernetes.default.svc.cluster.local"
 DEV_AUDIENCE = "identityd"
@@ -95,6 +96,25 @@ class DevCluster:
         )
         self.issuer.write_jwks(jwks)
         return pods, jwks
+
+    def settings(self, directory: str | Path, *, policies: str | Path, **fields: Any) -> Settings:
+        """identityd's Settings for this cluster on embedded defaults: writes the pod
+        list and JWKS into ``directory``; ``fields`` override Settings' own fields."""
+        pods, jwks = self.write(directory)
+        return Settings(
+            identity=IdentitySettings(
+                provider=self.provider,
+                dns_suffixes=(self.dns_suffix,),
+                trust_domain=self.trust_domain,
+            ),
+            tokens=TokenSettings(
+                issuer=self.issuer.issuer, audiences=(self.audience,), jwks=str(jwks)
+            ),
+            pods=str(pods),
+            policies=str(policies),
+            workers=1,
+            **fields,
+        )
 
     def identity(self, pod: DevPod) -> WorkloadIdentity:
         return WorkloadIdentity(
