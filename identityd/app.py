@@ -210,6 +210,7 @@ async def build_edges(
 
     ``start=False`` builds and checks everything without starting the pod watch
     (the supervisor's preflight, before it forks the workers)."""
+    # Local runs (--pods) never reach for a cluster's keys unasked.
     if settings.pods is not None and settings.tokens.mode == "jwks" and not settings.tokens.jwks:
         raise ConfigError("CONFIG_ERROR", "--jwks is required with --pods (file path or URL)")
     inventory = build_inventory(settings, metrics)

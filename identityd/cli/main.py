@@ -13,7 +13,8 @@ from identityd.errors import ConfigError
 EXIT_OK, EXIT_USAGE, EXIT_DENY, EXIT_UNAVAILABLE = 0, 2, 3, 4
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line (also read by the deployment and documentation checks)."""
     parser = argparse.ArgumentParser(prog="identityd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"identityd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,13 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command line, for documentation and deployment checks."""
-    return _parser()
-
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
             from identityd.cli.serve import serve

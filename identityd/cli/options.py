@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -330,9 +330,6 @@ def build_settings(values: Mapping[str, Any], base: Settings | None = None) -> S
         raise ConfigError("CONFIG_ERROR", "--engine opa runs one worker (--workers 1)")
     if result.tokens.mode == "tokenreview" and result.tokens.jwks:
         raise ConfigError("CONFIG_ERROR", "--jwks has no use with --token-mode tokenreview")
-    if result.pods is not None and result.tokens.mode == "jwks" and not result.tokens.jwks:
-        # Local runs never reach for a cluster unasked.
-        raise ConfigError("CONFIG_ERROR", "--jwks is required with --pods (file path or URL)")
     if result.policies is not None and result.policy_configmap_namespaces:
         # Two sources would both define package identityd: one or the other.
         raise ConfigError(
@@ -351,7 +348,3 @@ def settings_from_args(
     args: argparse.Namespace, environ: Mapping[str, str] | None = None
 ) -> Settings:
     return build_settings(resolve(args, environ))
-
-
-def option_table() -> Sequence[Option]:
-    return OPTIONS

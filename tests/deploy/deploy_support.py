@@ -181,7 +181,7 @@ def write_policy_copy() -> None:
 
 def cli_parser() -> argparse.ArgumentParser:
     # The real parser of the `identityd` command (private name in cli/main.py).
-    return cli_main._parser()
+    return cli_main.build_parser()
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
