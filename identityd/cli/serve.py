@@ -4,7 +4,9 @@ The supervisor binds once (so a port clash is one clear error), forks the
 workers, which all accept on the inherited sockets, and restarts any worker that
 dies — the embedded Rego engine is native code and can take its process down —
 with backoff, while the others keep serving. With ``--workers 1`` the server
-runs in the supervisor's own process.
+runs in the supervisor's own process. Each worker runs a watchdog
+(identityd/cli/watchdog.py) that ends it when its event loop stalls, as a
+runaway in-line policy evaluation would make it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from multiprocessing.process import BaseProcess
 from aiohttp import web
 
 from identityd.app import build_edges, create_app, server_ssl_context
+from identityd.cli.watchdog import LoopWatchdog, stall_limit
 from identityd.errors import IdentitydError
 from identityd.metrics import Metrics, enable_multiprocess
 from identityd.settings import Settings, host_port
@@ -58,6 +61,16 @@ async def serve_sockets(
     stop: asyncio.Event,
 ) -> None:
     """Run one server on already-bound sockets until ``stop`` is set."""
+    async with LoopWatchdog(stall_limit(settings.decision_timeout_seconds)):
+        await _serve(settings, sock, metrics_sock, stop)
+
+
+async def _serve(
+    settings: Settings,
+    sock: socket.socket,
+    metrics_sock: socket.socket | None,
+    stop: asyncio.Event,
+) -> None:
     metrics = Metrics()
     edges = await build_edges(settings, metrics)
     runners: list[web.AppRunner] = []

@@ -1,39 +1,45 @@
 """The embedded policy engine: regopy (rego-cpp) in-process.
 
-Every regopy call that touches the interpreter runs on one dedicated worker
-thread owned by the engine: an interpreter is not thread-safe, and a ctypes
-call releases the GIL, so the event loop keeps serving while a decision is
-computed. Compiling, the swap to a new set and freeing the old one happen on
-that thread too, so an evaluation always sees one whole policy set.
+Decisions are evaluated in-line, on the event loop's thread. A worker process
+has one core's worth of work to do and the evaluation is pure CPU, so handing it
+to a thread bought no parallelism; it cost a thread hop per decision and, worse,
+GIL hand-offs: a thread returning from native code waits up to the interpreter's
+switch interval (5 ms) for a busy event loop to let go (bench/load.py measured
+~0.15 ms of CPU and milliseconds of p99 per decision). Every regopy call thus
+happens on the one thread that uses the engine (an interpreter is not
+thread-safe), loading included; a compile pauses that loop for its duration
+(~25 ms for the default set).
 
-A decision that overruns the timeout is reported as POLICY_TIMEOUT; the
-native call cannot be interrupted, so it finishes in the background and
-decisions queued behind it time out too (fail closed) until it does.
+A decision that takes longer than the timeout is reported as POLICY_TIMEOUT
+(its answer is discarded: fail closed). A native call cannot be interrupted, so
+an evaluation that never ends wedges its worker: ``identityd serve`` runs a
+watchdog (identityd/cli/watchdog.py) that ends a worker whose loop stops
+turning, and the supervisor starts a new one while the others serve.
 
 Speed (bench/policy_eval.py). regopy's own ways in and out cost more than the
 policy: parsing the input as JSON text is ~0.6 ms for a 2 KB document and its
 ``set_input(dict)`` wrapper ~0.3 ms. This engine builds the input through
-rego-cpp's C input API directly (~1 us a value), with every string escaped
-exactly as the JSON path stores it, so both give the same answers; it
-evaluates the decision as a bundle entry point rather than a compiled query,
-and reads the output once. Whatever that path cannot represent identically
-(floats, integers beyond 64 bits, types other than dict/list/str/int/bool/
-None) goes the JSON way; so does everything when the C library or regopy's
-internals are not as expected, which a probe checks when the engine starts.
+rego-cpp's C input API directly (~1 us a value, called without releasing the
+GIL, which ctypes would otherwise do around each of a few hundred calls), with
+every string escaped exactly as the JSON path stores it, so both give the same
+answers; it evaluates the decision as a bundle entry point rather than a
+compiled query, and reads the output once. Whatever that path cannot represent
+identically (floats, integers beyond 64 bits, types other than dict/list/str/
+int/bool/None) goes the JSON way; so does everything when the C library or
+regopy's internals are not as expected, which a probe checks when the engine
+starts.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import json
 import re
 import time
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
-from typing import Any, TypeVar
+from typing import Any
 
 import regopy
 
@@ -48,8 +54,6 @@ from identityd.policy.sources import refuse_with
 from identityd.settings import DEFAULT_DECISION_TIMEOUT_SECONDS
 
 __all__ = ["EmbeddedEngine"]
-
-_T = TypeVar("_T")
 
 # The decision is evaluated as an entry point of the compiled bundle, whose
 # output is `{"expressions": [<decision>]}`: cheaper than a `d = data...`
@@ -115,18 +119,24 @@ class _RegoC:
     """The rego-cpp C functions the fast path calls, declared on our own handle.
 
     regopy wraps each in Python (and its ``set_input(dict)`` checks every return
-    code with a Python call), which costs more than the C work itself.
+    code with a Python call), which costs more than the C work itself. The short
+    calls keep the GIL (``PyDLL``): releasing and taking it back around each of
+    the few hundred calls that build an input costs more than the call. The
+    query releases it (``CDLL``), so a watchdog thread can still run while an
+    evaluation does.
     """
 
     def __init__(self, library_path: str) -> None:
-        lib = ctypes.CDLL(library_path)
-        handle, u32, text = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_char_p
+        keeps_gil = ctypes.PyDLL(library_path)
+        releases_gil = ctypes.CDLL(library_path)
 
-        def fn(name: str, restype: Any, *argtypes: Any) -> Any:
+        def fn(name: str, restype: Any, *argtypes: Any, lib: ctypes.CDLL = keeps_gil) -> Any:
             function = getattr(lib, name)
             function.restype = restype
             function.argtypes = list(argtypes)
             return function
+
+        handle, u32, text = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_char_p
 
         self.new_input = fn("regoNewInput", handle)
         self.free_input = fn("regoFreeInput", None, handle)
@@ -138,7 +148,9 @@ class _RegoC:
         self.input_object = fn("regoInputObject", u32, handle, u32)
         self.input_array = fn("regoInputArray", u32, handle, u32)
         self.set_input = fn("regoSetInput", u32, handle, handle)
-        self.query_entrypoint = fn("regoBundleQueryEntrypoint", handle, handle, handle, text)
+        self.query_entrypoint = fn(
+            "regoBundleQueryEntrypoint", handle, handle, handle, text, lib=releases_gil
+        )
         self.output_ok = fn("regoOutputOk", ctypes.c_bool, handle)
         self.output_size = fn("regoOutputJSONSize", u32, handle)
         self.output_json = fn("regoOutputJSON", u32, handle, ctypes.c_char_p, u32)
@@ -160,13 +172,9 @@ def _load_rego_c() -> _RegoC | None:
 
 
 class _NativeInput:
-    """An input document built in rego-cpp memory, freed exactly once.
-
-    The worker frees it as soon as it is the interpreter's input; one that never
-    reaches the worker (a queued evaluation cancelled by its timeout) is freed
-    when the last reference goes. Those two cannot overlap: the worker holds a
-    reference while it runs.
-    """
+    """An input document built in rego-cpp memory, freed exactly once: as soon
+    as it is the interpreter's input, or, if it never gets there (an error in
+    between), when the last reference goes."""
 
     def __init__(self, c: _RegoC, handle: int) -> None:
         self._c = c
@@ -188,20 +196,22 @@ class _NativeInput:
             self._c.free_input(handle)
 
     def __del__(self) -> None:
-        # A queued evaluation can be cancelled (timeout) before it runs.
         self.release()
 
 
 @dataclass(frozen=True, slots=True)
 class _Prepared:
-    """The input as the worker will hand it to regopy: native, or JSON text."""
+    """The input as it will be handed to regopy: native, or JSON text."""
 
     native: _NativeInput | None
     text: str | None
 
 
 class EmbeddedEngine:
-    """PolicyEngine on regopy; see identityd.policy.base for the contract."""
+    """PolicyEngine on regopy; see identityd.policy.base for the contract.
+
+    Used from one thread (the event loop's): every method runs regopy on the
+    caller's thread."""
 
     def __init__(
         self, *, timeout: float = DEFAULT_DECISION_TIMEOUT_SECONDS, native_input: bool = True
@@ -215,14 +225,8 @@ class EmbeddedEngine:
         if not isinstance(native_input, bool):
             raise TypeError(f"native_input: expected a bool, got {type(native_input).__name__}")
         self._timeout = float(timeout)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="identityd-rego")
-        # Written only on the worker thread, so an evaluation never sees a half swap.
         self._compiled: _Compiled | None = None
-        # Mirrors "a set is installed" for the event loop's side.
-        self._loaded = False
         self._closed = False
-        # Set by the worker while a decision runs; read by `ready`.
-        self._busy_since: float | None = None
         # The native path, until the probe at the first load says otherwise.
         self._c: _RegoC | None = _load_rego_c() if native_input else None
         self._probed = False
@@ -230,11 +234,8 @@ class EmbeddedEngine:
 
     @property
     def ready(self) -> bool:
-        """A set is installed and the worker is not stuck in an overrunning decision."""
-        if not self._loaded or self._closed:
-            return False
-        since = self._busy_since
-        return since is None or time.monotonic() - since < self._timeout
+        """A policy set is installed and the engine is open."""
+        return self._compiled is not None and not self._closed
 
     @property
     def module_ids(self) -> tuple[str, ...]:
@@ -259,47 +260,28 @@ class EmbeddedEngine:
             refuse_with(module_id, source)
         if self._closed:
             raise PolicyCompileError("the engine is closed")
-        await self._on_worker(self._install, dict(modules))
-        self._loaded = True
+        self._install(dict(modules))
 
     async def evaluate(self, input_doc: Mapping[str, Any]) -> Decision:
-        if self._closed or not self._loaded:
+        compiled = self._compiled
+        if compiled is None or self._closed:
             raise PolicyUnavailable("POLICY_NOT_LOADED", "no policy set is loaded")
-        # Built here, on the event loop's thread: it is Python work plus short C
-        # calls, and the worker would have to win the GIL back after each one.
-        prepared = self._prepare(input_doc)
-        try:
-            async with asyncio.timeout(self._timeout):
-                document = await self._on_worker(self._evaluate_installed, prepared)
-        except TimeoutError:
-            raise PolicyUnavailable(
-                "POLICY_TIMEOUT", f"no decision within {self._timeout:g} s"
-            ) from None
+        started = time.monotonic()
+        document = _query(compiled, self._c, self._prepare(input_doc))
+        if time.monotonic() - started > self._timeout:
+            # Too late to be trusted as the answer to this request: fail closed.
+            raise PolicyUnavailable("POLICY_TIMEOUT", f"no decision within {self._timeout:g} s")
         return decision_from_document(document)
 
     async def aclose(self) -> None:
-        if self._closed:
-            return
         self._closed = True
-        self._loaded = False
-        # Free the interpreter on its own thread; do not wait for a runaway decision.
-        self._executor.submit(self._uninstall)
-        self._executor.shutdown(wait=False)
+        self._compiled = None
 
     async def __aenter__(self) -> EmbeddedEngine:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-    async def _on_worker(self, fn: Callable[..., _T], *args: Any) -> _T:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn, *args)
-        except RuntimeError as exc:  # the executor was shut down under us
-            if self._closed:
-                raise PolicyUnavailable("POLICY_NOT_LOADED", "the engine is closed") from exc
-            raise
 
     def _prepare(self, input_doc: Mapping[str, Any]) -> _Prepared:
         if not isinstance(input_doc, Mapping):
@@ -310,8 +292,6 @@ class EmbeddedEngine:
             if native is not None:
                 return _Prepared(native, None)
         return _Prepared(None, _input_json(input_doc))
-
-    # --- on the worker thread ----------------------------------------------
 
     def _install(self, modules: dict[str, str]) -> None:
         if not self._probed:
@@ -327,20 +307,7 @@ class EmbeddedEngine:
             decision_from_document(_query(compiled, self._c, smoke))
         except PolicyUnavailable as exc:
             raise PolicyCompileError(f"the policy set gives no usable decision: {exc}") from exc
-        self._compiled = compiled  # the old set is freed here, on this thread
-
-    def _uninstall(self) -> None:
-        self._compiled = None
-
-    def _evaluate_installed(self, prepared: _Prepared) -> object:
-        compiled = self._compiled
-        if compiled is None:
-            raise PolicyUnavailable("POLICY_NOT_LOADED", "no policy set is loaded")
-        self._busy_since = time.monotonic()
-        try:
-            return _query(compiled, self._c, prepared)
-        finally:
-            self._busy_since = None
+        self._compiled = compiled  # the old set is freed here
 
 
 def _compile(modules: dict[str, str]) -> _Compiled:
@@ -451,7 +418,10 @@ def _native_input(
     cached = text_cache.get
     put_string, put_int, put_bool = c.input_string, c.input_int, c.input_bool
     put_null, put_item, put_object, put_array = (
-        c.input_null, c.input_item, c.input_object, c.input_array,
+        c.input_null,
+        c.input_item,
+        c.input_object,
+        c.input_array,
     )
 
     def escaped(text: Any) -> bytes:

@@ -1,14 +1,17 @@
 """`identityd serve --workers 2` as a real process tree: a worker killed the way a
-native crash would (SIGSEGV) is restarted while the other keeps serving."""
+native crash would (SIGSEGV), or wedged in a runaway policy evaluation (ended by
+its watchdog), is replaced while the other keeps serving."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -69,6 +72,12 @@ def wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, DevCluster]]:
+    yield from run_server(tmp_path, POLICIES)
+
+
+def run_server(
+    tmp_path: Path, policies: Path, *extra: str
+) -> Iterator[tuple[subprocess.Popen[bytes], int, DevCluster]]:
     cluster = DevCluster()
     cluster.add_pod("sports-web", "api-1", "api", "10.1.2.3")
     pods, jwks = cluster.write(tmp_path)
@@ -77,7 +86,7 @@ def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, DevCl
         **os.environ,
         "IDENTITYD_JWKS": str(jwks),
         "IDENTITYD_PODS": str(pods),
-        "IDENTITYD_POLICIES": str(POLICIES),
+        "IDENTITYD_POLICIES": str(policies),
     }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     proc = subprocess.Popen(
@@ -92,6 +101,7 @@ def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, DevCl
             "2",
             "--log-level",
             "WARNING",
+            *extra,
         ],
         cwd=REPO,
         env=env,
@@ -135,6 +145,64 @@ def test_dead_worker_is_restarted_while_the_other_serves(
     assert victim not in now and len(now) == 2
     wait_ready(port, proc)
     assert post(port, cluster.confirmation(pod)) == 200
+
+
+# Takes seconds in regopy for one request naming the host "wedge"; instant otherwise.
+WEDGE_MODULE = """package identityd
+
+import rego.v1
+
+reasons contains "WEDGED" if {
+	input.request.attributes.hostname == "wedge"
+	count([1 | some i in numbers.range(1, 4000); some j in numbers.range(1, 4000)]) > 0
+}
+"""
+
+
+@pytest.fixture
+def wedgeable_server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, DevCluster]]:
+    policies = tmp_path / "policies"
+    shutil.copytree(POLICIES, policies, ignore=shutil.ignore_patterns("tests"))
+    (policies / "identityd" / "zz_wedge.rego").write_text(WEDGE_MODULE)
+    # A 0.2 s decision timeout puts the watchdog's stall limit at its 2 s floor.
+    yield from run_server(tmp_path, policies, "--decision-timeout", "0.2")
+
+
+def test_a_worker_wedged_in_a_runaway_evaluation_is_replaced(
+    wedgeable_server: tuple[subprocess.Popen[bytes], int, DevCluster],
+) -> None:
+    proc, port, cluster = wedgeable_server
+    pod = cluster.pods[0]
+    assert post(port, cluster.confirmation(pod)) == 200
+    workers = children(proc.pid)
+    wedge = cluster.confirmation(pod)
+    wedge["attributes"]["hostname"] = "wedge"  # type: ignore[index]
+    outcome: list[object] = []
+    sender = threading.Thread(target=lambda: outcome.append(post_or_error(port, wedge)))
+    sender.start()
+    # The other worker serves meanwhile (the wedged one accepts nothing more).
+    statuses = [post(port, cluster.confirmation(pod)) for _ in range(10)]
+    assert statuses == [200] * 10
+    sender.join(timeout=20)
+    # The wedged request is never allowed: its worker ended under it.
+    assert outcome and outcome[0] != 200
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        now = children(proc.pid)
+        if len(now) == 2 and not workers <= now:
+            break
+        time.sleep(0.05)
+    now = children(proc.pid)
+    assert len(now) == 2 and not workers <= now, "no worker was replaced"
+    wait_ready(port, proc)
+    assert post(port, cluster.confirmation(pod)) == 200
+
+
+def post_or_error(port: int, body: dict[str, object]) -> object:
+    try:
+        return post(port, body)
+    except OSError as exc:  # the connection died with the worker
+        return type(exc).__name__
 
 
 def test_metrics_aggregate_across_workers(

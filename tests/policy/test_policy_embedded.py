@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,14 +20,20 @@ POLICIES = Path(__file__).resolve().parents[2] / "policies"
 
 HEADER = "package identityd\n\nimport rego.v1\n\n"
 # Denies with the input's `tag`, so a test can tell which set answered.
-TAGGED = HEADER + """
+TAGGED = (
+    HEADER
+    + """
 tag := object.get(input, "tag", "none")
 
 decision := {"allow": false, "reasons": [concat("", ["TAGGED: ", tag])], "attributes": {}}
 """
-ALLOW_ALL = HEADER + """
+)
+ALLOW_ALL = (
+    HEADER
+    + """
 decision := {"allow": true, "reasons": [], "attributes": {"certUsage": "client"}}
 """
+)
 
 
 @pytest.fixture
@@ -104,7 +111,7 @@ async def test_compile_error_keeps_the_previous_set(
         HEADER + 'decision := "allow"\n',  # not an object
         HEADER + 'decision := {"allow": true, "reasons": ["X: y"]}\n',  # allow with reasons
         HEADER + "other := 1\n",  # no decision at all
-        "package elsewhere\n\nimport rego.v1\n\ndecision := {\"allow\": true}\n",
+        'package elsewhere\n\nimport rego.v1\n\ndecision := {"allow": true}\n',
     ],
 )
 async def test_a_set_without_a_usable_decision_is_refused(
@@ -130,9 +137,14 @@ async def test_empty_set_is_refused(engine: EmbeddedEngine) -> None:
 
 
 async def test_undefined_decision_is_unavailable(engine: EmbeddedEngine) -> None:
-    await engine.load({"p.rego": HEADER + """
+    await engine.load(
+        {
+            "p.rego": HEADER
+            + """
 decision := {"allow": false, "reasons": ["X: y"], "attributes": {}} if not input.undefine
-"""})
+"""
+        }
+    )
     assert await _codes(engine, {}) == ("X",)
     with pytest.raises(PolicyUnavailable) as info:
         await engine.evaluate({"undefine": True})
@@ -140,9 +152,14 @@ decision := {"allow": false, "reasons": ["X: y"], "attributes": {}} if not input
 
 
 async def test_allow_with_reasons_is_a_bad_decision(engine: EmbeddedEngine) -> None:
-    await engine.load({"p.rego": HEADER + """
+    await engine.load(
+        {
+            "p.rego": HEADER
+            + """
 decision := {"allow": object.get(input, "allow", false), "reasons": ["X: y"], "attributes": {}}
-"""})
+"""
+        }
+    )
     assert await _codes(engine, {}) == ("X",)
     with pytest.raises(PolicyUnavailable) as info:
         await engine.evaluate({"allow": True})
@@ -162,9 +179,16 @@ decision := {"allow": object.get(input, "allow", false), "reasons": ["X: y"], "a
     ],
 )
 async def test_engine_error_is_unavailable(engine: EmbeddedEngine, rule: str) -> None:
-    await engine.load({"p.rego": HEADER + rule + "\n" + """
+    await engine.load(
+        {
+            "p.rego": HEADER
+            + rule
+            + "\n"
+            + """
 decision := {"allow": false, "reasons": ["SAFE: s"]} if not input.boom
-"""})
+"""
+        }
+    )
     with pytest.raises(PolicyUnavailable) as info:
         await engine.evaluate({"boom": True})
     assert info.value.code == "POLICY_ENGINE_ERROR"
@@ -179,7 +203,9 @@ async def test_error_text_as_data_is_not_an_engine_error(engine: EmbeddedEngine)
 
 
 # ~0.3 s on the test machine for n=600; the smoke input (no n) is instant.
-SLOW = HEADER + """
+SLOW = (
+    HEADER
+    + """
 n := object.get(input, "n", 1)
 
 work := count([1 | some i in numbers.range(1, n); some j in numbers.range(1, n)])
@@ -187,44 +213,42 @@ work := count([1 | some i in numbers.range(1, n); some j in numbers.range(1, n)]
 decision := {"allow": false, "reasons": [concat("", ["SLOW: ", format_int(work, 10)])],
              "attributes": {}}
 """
+)
 
 
-async def test_decision_timeout_is_unavailable_and_the_engine_recovers() -> None:
+async def test_decision_over_the_timeout_is_unavailable_and_the_engine_recovers() -> None:
     async with EmbeddedEngine(timeout=0.05) as engine:
         await engine.load({"slow.rego": SLOW})
-        started = time.monotonic()
+        # The slow decision is computed (in-line: it cannot be interrupted) but
+        # comes too late to be trusted: 503, not its answer.
         with pytest.raises(PolicyUnavailable) as info:
             await engine.evaluate({"n": 600})
         assert info.value.code == "POLICY_TIMEOUT"
-        assert time.monotonic() - started < 0.5  # the loop was not blocked
-        # While the runaway decision holds the worker, the engine is not ready ...
-        assert not engine.ready
-        # ... and recovers once it ends.
-        for _ in range(500):
-            if engine.ready:
-                break
-            await asyncio.sleep(0.02)
         assert engine.ready
+        # The next decision within the timeout is answered as usual.
         assert await _codes(engine, {"n": 2}) == ("SLOW",)
 
 
-async def test_event_loop_stays_responsive_during_a_decision() -> None:
+async def test_a_decision_within_the_timeout_is_answered_however_long() -> None:
     async with EmbeddedEngine(timeout=5) as engine:
         await engine.load({"slow.rego": SLOW})
-        ticks = 0
+        started = time.monotonic()
+        assert (await engine.evaluate({"n": 400})).reasons == ("SLOW: 160000",)
+        assert time.monotonic() - started > 0.01  # it did the work
 
-        async def tick() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
 
-        ticker = asyncio.create_task(tick())
-        try:
-            await engine.evaluate({"n": 400})
-        finally:
-            ticker.cancel()
-        assert ticks >= 3
+def test_the_engine_runs_no_thread_of_its_own() -> None:
+    # In-line by design (module docstring): a thread per engine would cost a GIL
+    # hand-off per decision; the serve watchdog covers a wedged evaluation.
+    before = threading.active_count()
+
+    async def run() -> None:
+        async with EmbeddedEngine() as engine:
+            await engine.load({"p.rego": TAGGED})
+            assert await _codes(engine, {"tag": "x"}) == ("TAGGED",)
+            assert threading.active_count() == before
+
+    asyncio.run(run())
 
 
 async def test_concurrent_decisions_each_get_their_own_input(engine: EmbeddedEngine) -> None:
