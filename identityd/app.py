@@ -20,6 +20,7 @@ from identityd.callback.http import (
     MAX_BODY_KEY,
     METRICS_KEY,
     PIPELINE_KEY,
+    VERIFIER_KEY,
     add_routes,
     error_middleware,
 )
@@ -228,8 +229,11 @@ async def build_edges(
         await engine.aclose()
         await inventory.aclose()
         raise
-    if start and isinstance(inventory, WatchInventory):
-        await inventory.start()
+    if start:
+        # In the background: a key endpoint that is down holds up /readyz, not start-up.
+        await verifier.start()
+        if isinstance(inventory, WatchInventory):
+            await inventory.start()
     return Edges(
         verifier=verifier,
         inventory=inventory,
@@ -269,10 +273,18 @@ def create_app(
     app[LOG_KEY] = decision_log or DecisionLog()
     app[INVENTORY_KEY] = edges.inventory
     app[ENGINE_KEY] = edges.engine
+    app[VERIFIER_KEY] = edges.verifier
     app[MAX_BODY_KEY] = settings.max_body_bytes
     app[ALLOWED_CLIENTS_KEY] = frozenset(settings.tls.allowed_clients)
     app[LIMITER_KEY] = limiter
     add_routes(app, callback=callback)
+
+    async def start_verifier(_: web.Application) -> None:
+        # A no-op when build_edges started it; edges built with start=False and
+        # served (as some tests do) still fetch their keys before /readyz is asked.
+        await edges.verifier.start()
+
+    app.on_startup.append(start_verifier)
     return app
 
 

@@ -33,6 +33,7 @@ from identityd.inventory.base import PodInventory
 from identityd.metrics import CONTENT_TYPE_LATEST, Metrics, render
 from identityd.policy.base import PolicyEngine
 from identityd.settings import BODY_READ_TIMEOUT_SECONDS
+from identityd.tokens.base import TokenVerifier
 
 log = logging.getLogger("identityd.http")
 
@@ -44,6 +45,7 @@ METRICS_KEY = web.AppKey("metrics", Metrics)
 LOG_KEY = web.AppKey("decision_log", DecisionLog)
 INVENTORY_KEY = web.AppKey("inventory", PodInventory)
 ENGINE_KEY = web.AppKey("engine", PolicyEngine)
+VERIFIER_KEY = web.AppKey("verifier", TokenVerifier)
 MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
 ALLOWED_CLIENTS_KEY = web.AppKey("allowed_clients", frozenset)
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
@@ -216,7 +218,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     inventory, engine = request.app[INVENTORY_KEY], request.app[ENGINE_KEY]
-    checks = {"inventory": inventory.ready, "policy": engine.ready}
+    checks = {
+        "inventory": inventory.ready,
+        "policy": engine.ready,
+        "tokens": request.app[VERIFIER_KEY].ready,  # keys held: a token can be verified
+    }
     ready = all(checks.values())
     return web.json_response(
         {"status": "ready" if ready else "not ready", "checks": checks},

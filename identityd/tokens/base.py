@@ -28,6 +28,16 @@ class TokenClaims:
 
 
 class TokenVerifier(Protocol):
+    async def start(self) -> None:
+        """Begin what verification needs in the background (e.g. fetch keys); never blocks
+        on it and never raises for an unreachable dependency (``ready`` tells)."""
+        ...
+
+    @property
+    def ready(self) -> bool:
+        """Whether a token can be verified now (the ``tokens`` check of ``/readyz``)."""
+        ...
+
     async def verify(self, token: str, *, now: float) -> TokenClaims:
         """Verify ``token`` at time ``now``; raise InvalidToken (or KeysUnavailable)."""
         ...

@@ -62,6 +62,11 @@ MAX_JWKS_KEYS = 64
 MAX_KIDLESS_CANDIDATES = 4
 # While no key set has ever loaded, retry the source at most this often.
 COLD_RETRY_SECONDS = 0.5
+# The background prefetch pauses at least this long between tries (refetch_interval may be 0).
+_MIN_PREFETCH_PAUSE_SECONDS = 0.05
+# The prefetch retries a broken source twice a second: the same failure is warned
+# about again only after this long (debug in between), a new one at once.
+_REPEAT_WARNING_SECONDS = 60.0
 # RSA moduli beyond this are refused: verification cost grows with the size.
 _MAX_RSA_BITS = 8192
 _MAX_RSA_EXPONENT_BITS = 64
@@ -514,10 +519,10 @@ def _json_document(data: bytes, where: str) -> object:
 
 
 class _KeyCache:
-    """The key set of one source, fetched when first needed, on an unknown kid (at
-    most once per ``refetch_interval``), and in the background when older than
-    ``max_age``. One fetch at a time: concurrent callers await the same one. A
-    failed fetch keeps the keys already loaded."""
+    """The key set of one source, fetched when first needed (or ahead of that, by
+    :meth:`start`), on an unknown kid (at most once per ``refetch_interval``), and in
+    the background when older than ``max_age``. One fetch at a time: concurrent
+    callers await the same one. A failed fetch keeps the keys already loaded."""
 
     def __init__(
         self,
@@ -536,7 +541,37 @@ class _KeyCache:
         self._loaded_at = 0.0
         self._last_attempt: float | None = None
         self._last_error = "no key set loaded yet"
+        self._warned: tuple[str, float] | None = None  # the failure last warned about, when
         self._inflight: asyncio.Task[None] | None = None
+        self._prefetch: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def loaded(self) -> bool:
+        """Whether a key set is held. Only a set with a usable key is ever stored, and
+        a failed refetch keeps it, so this never turns False again."""
+        return self._keys is not None
+
+    def start(self) -> None:
+        """Fetch in the background until a first key set is held; a no-op when one is
+        held, the prefetch is already running, or the cache is closed."""
+        if self._keys is None and self._prefetch is None and not self._closed:
+            self._prefetch = asyncio.create_task(self._prefetch_keys(), name="jwks-prefetch")
+
+    async def _prefetch_keys(self) -> None:
+        # The cadence of the cold path in _ensure_loaded: a callback arriving meanwhile
+        # joins the fetch under way instead of adding one.
+        interval = min(COLD_RETRY_SECONDS, self._refetch_interval)
+        while self._keys is None:
+            if self._may_fetch(interval):
+                try:
+                    await self._refresh()
+                except Exception as exc:  # noqa: BLE001 - a source's bug must not end the retries
+                    # The type only: a foreign message may carry a URL or a header.
+                    log.error("JWKS prefetch from %r: %s", self._source, type(exc).__name__)
+            if self._keys is None:
+                since = self._clock() - (self._last_attempt or 0.0)
+                await asyncio.sleep(max(interval - since, _MIN_PREFETCH_PAUSE_SECONDS))
 
     async def candidates(self, kid: str | None, alg: str) -> tuple[VerificationKey, ...]:
         """The key named ``kid``, or without a kid the keys fitting ``alg``."""
@@ -592,22 +627,40 @@ class _KeyCache:
             except (KeysUnavailable, ValueError) as exc:
                 detail = exc.detail if isinstance(exc, KeysUnavailable) else str(exc)
                 self._last_error = f"{self._source!r}: {detail}"
-                kept = "; keeping the cached keys" if self._keys else ""
-                log.warning("JWKS fetch failed: %s%s", self._last_error, kept)
+                self._log_failure()
                 return
             self._keys = keys
+            self._warned = None
             self._by_kid = {key.kid: key for key in keys if key.kid is not None}
             self._loaded_at = self._clock()
             log.info("JWKS loaded from %r: %d keys", self._source, len(keys))
         finally:
             self._inflight = None
 
+    def _log_failure(self) -> None:
+        kept = "; keeping the cached keys" if self._keys else ""
+        now = self._clock()
+        if self._warned is not None and self._warned[0] == self._last_error \
+                and now - self._warned[1] < _REPEAT_WARNING_SECONDS:
+            log.debug("JWKS fetch failed again: %s%s", self._last_error, kept)
+            return
+        self._warned = (self._last_error, now)
+        log.warning("JWKS fetch failed: %s%s", self._last_error, kept)
+
     async def aclose(self) -> None:
-        task, self._inflight = self._inflight, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        self._closed = True
+        # The prefetch first: it may be waiting on the fetch cancelled next.
+        prefetch, self._prefetch = self._prefetch, None
+        await _cancel(prefetch)
+        inflight, self._inflight = self._inflight, None
+        await _cancel(inflight)
         await self._source.aclose()
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 # --- the verifier -------------------------------------------------------------
@@ -645,6 +698,17 @@ class JWKSVerifier:
             max_age=settings.max_key_age_seconds,
             clock=clock,
         )
+
+    async def start(self) -> None:
+        """Fetch the key set in the background, retried like the first token would
+        (at most every ``COLD_RETRY_SECONDS``) until one loads; returns at once."""
+        self._cache.start()
+
+    @property
+    def ready(self) -> bool:
+        """True once a key set with a usable key is held; it stays True while later
+        refetches fail (the cached keys still verify)."""
+        return self._cache.loaded
 
     async def verify(self, token: str, *, now: float) -> TokenClaims:
         header = read_header(token, max_bytes=self._max_token_bytes)

@@ -442,6 +442,16 @@ class TokenReviewVerifier:
     def cached(self) -> int:
         return len(self._cache)
 
+    async def start(self) -> None:
+        """Nothing to fetch ahead: every review is a call to the API server."""
+
+    @property
+    def ready(self) -> bool:
+        """Always True: nothing is held that could be missing. A review needs only the
+        API server, which the pod watch's readiness already reports on (in a cluster);
+        a review that fails is a 503 of its own."""
+        return True
+
     async def verify(self, token: str, *, now: float) -> TokenClaims:
         settings = self._settings
         claims = validate_claims(

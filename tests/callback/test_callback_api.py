@@ -3,6 +3,7 @@ keeps serving after each."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -331,6 +332,11 @@ async def test_decision_log_has_reasons_and_no_secrets(
 
 async def test_health_ready_and_metrics(service: Service, cluster: DevCluster, pods: Pods) -> None:
     assert (await service.get("/healthz"))[0] == 200
+    # Ready once the key file is read, in the background at start-up (a few ms).
+    for _ in range(100):
+        if (await service.get("/readyz"))[0] == 200:
+            break
+        await asyncio.sleep(0.02)
     assert (await service.get("/readyz"))[0] == 200
     await service.post("instance", cluster.confirmation(pods.api))
     await service.post("instance", cluster.confirmation(pods.gone))
