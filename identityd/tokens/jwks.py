@@ -1,9 +1,18 @@
 """JWKSVerifier: bound service-account tokens checked against a JSON Web Key Set (DESIGN §4).
 
-    token ─ read_header ──────────▶ alg, kid     pure: size, shape, alg allow-list, crit
+    token ─ parse_token ──────────▶ alg, kid,    pure: size, shape, canonical base64url,
+                                    segments     alg allow-list, crit
           ─ _KeyCache.candidates ─▶ key(s)       fetch when cold, on unknown kid, when stale
-          ─ pyjwt, algorithms=[alg] ▶ claims     signature only; the key type must fit alg
+          ─ pyjwt's alg, verify ──▶ claims       signature only; the key type must fit alg
           ─ validate_claims ──────▶ TokenClaims  pure, explicit ``now``
+
+The compact form is split and decoded once, here, and the signature checked with
+pyjwt's implementation of the algorithm (``jwt.algorithms``). ``jwt.decode``
+would decode the token again and checks its base64url one character at a time
+in Python: ~0.1 ms of a ~0.15 ms verification for a 1 KB bound token, measured.
+The checks are pyjwt's: the base64url alphabet (one regular expression over the
+token), canonical encoding (re-encoded, it must give the same text), a JSON
+object header and payload.
 
 Keys come only from the configured :class:`KeySource` (a file, a URL, or OIDC
 discovery); ``jku``/``x5u``/``x5c``/``jwk`` headers are never looked at and
@@ -90,6 +99,13 @@ SIGNATURE_ONLY: Options = {
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 SessionFactory = Callable[[], aiohttp.ClientSession]
+# pyjwt's implementations of the allowed algorithms (RSA PKCS#1 v1.5, RSA-PSS,
+# ECDSA with its raw r||s signature form).
+_ALGORITHMS = {
+    name: algorithm
+    for name, algorithm in jwt.algorithms.get_default_algorithms().items()
+    if name in ALLOWED_ALGORITHMS
+}
 HeadersProvider = Callable[[], Mapping[str, str] | Awaitable[Mapping[str, str]]]
 
 
@@ -204,51 +220,72 @@ class TokenHeader:
     kid: str | None
 
 
-def _names_an_extension(segment: str) -> bool:
-    """Whether a header segment decodes to a JSON object with ``crit`` or ``b64``."""
+@dataclass(frozen=True, slots=True)
+class TokenParts:
+    """A compact JWS split and decoded once; nothing in it is verified yet."""
+
+    header: TokenHeader
+    signing_input: bytes  # the first two segments, as signed
+    payload: bytes
+    signature: bytes
+
+
+def _segment(text: str, name: str) -> bytes:
+    """One base64url segment (alphabet already checked), canonical or refused."""
     try:
-        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        header = json.loads(raw)
-    except (ValueError, binascii.Error):
-        return False  # malformed: read_header reports it
-    return isinstance(header, dict) and ("crit" in header or "b64" in header)
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise InvalidToken(TokenReason.MALFORMED, f"{name} is not base64url") from None
+    # Unused trailing bits set: another text for the same bytes (pyjwt refuses it too).
+    if base64.urlsafe_b64encode(raw).rstrip(b"=") != text.encode("ascii"):
+        raise InvalidToken(TokenReason.MALFORMED, f"{name} is not canonical base64url")
+    return raw
 
 
-def read_header(token: object, *, max_bytes: int = MAX_TOKEN_BYTES) -> TokenHeader:
-    """The parts of the unverified JOSE header we act on: ``alg`` and ``kid``.
+def parse_token(token: object, *, max_bytes: int = MAX_TOKEN_BYTES) -> TokenParts:
+    """Split and decode a compact JWS, and read the header members we act on.
 
-    Raises InvalidToken for an oversized or malformed token, a ``crit`` header,
-    or an ``alg`` outside :data:`ALLOWED_ALGORITHMS`. Other header members
-    (``jku``, ``x5u``, ``x5c``, ``jwk``, ...) are ignored on purpose."""
+    Raises InvalidToken for an oversized or malformed token, a ``crit`` or
+    ``b64`` header (RFC 7515 §4.1.11: we implement no extension), a ``kid``
+    that is not a string, or an ``alg`` outside :data:`ALLOWED_ALGORITHMS`.
+    Other header members (``jku``, ``x5u``, ``x5c``, ``jwk``, ...) are ignored
+    on purpose."""
     if not isinstance(token, str):
         raise InvalidToken(TokenReason.MALFORMED, "token is not a string")
     if len(token) > max_bytes:
         raise InvalidToken(TokenReason.MALFORMED, f"token is larger than {max_bytes} bytes")
     if not _COMPACT_JWS.fullmatch(token):
         raise InvalidToken(TokenReason.MALFORMED, "token is not three base64url segments")
-    # Look for extensions before pyjwt does: it acts on b64=false itself and would
-    # report a decode error instead of the refused extension.
-    if _names_an_extension(token.split(".", 1)[0]):
-        raise InvalidToken(
-            TokenReason.HEADER_INVALID, "critical header extensions are not supported"
-        )
+    head, body, signature = token.split(".")
     try:
-        header = jwt.get_unverified_header(token)
-    except jwt.DecodeError as exc:
-        raise InvalidToken(TokenReason.MALFORMED, "header is not a base64url JSON object") from exc
-    except jwt.InvalidTokenError as exc:  # kid not a string, bad crit
-        raise InvalidToken(TokenReason.HEADER_INVALID, "kid or crit header is invalid") from exc
-    # We implement no extension; RFC 7515 §4.1.11 says refuse what is critical.
+        header = json.loads(_segment(head, "header"))
+    except (ValueError, RecursionError):
+        raise InvalidToken(TokenReason.MALFORMED, "header is not a base64url JSON object") from None
+    if not isinstance(header, dict):
+        raise InvalidToken(TokenReason.MALFORMED, "header is not a base64url JSON object")
     if "crit" in header or "b64" in header:
         raise InvalidToken(
             TokenReason.HEADER_INVALID, "critical header extensions are not supported"
         )
+    kid = header.get("kid")
+    if "kid" in header and not isinstance(kid, str):  # null too
+        raise InvalidToken(TokenReason.HEADER_INVALID, "kid or crit header is invalid")
     alg = header.get("alg")
     if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
         shown = repr(alg)[:40] if alg is not None else "missing"
         raise InvalidToken(TokenReason.ALG_NOT_ALLOWED, f"alg {shown} is not allowed")
-    kid = header.get("kid")  # pyjwt has checked it is a string when present
-    return TokenHeader(alg, kid if isinstance(kid, str) else None)
+    return TokenParts(
+        header=TokenHeader(alg, kid),
+        signing_input=f"{head}.{body}".encode("ascii"),
+        payload=_segment(body, "payload"),
+        signature=_segment(signature, "signature"),
+    )
+
+
+def read_header(token: object, *, max_bytes: int = MAX_TOKEN_BYTES) -> TokenHeader:
+    """The parts of the unverified JOSE header we act on: ``alg`` and ``kid``
+    (see :func:`parse_token` for what is refused)."""
+    return parse_token(token, max_bytes=max_bytes).header
 
 
 # --- edges: where key sets come from -----------------------------------------
@@ -711,9 +748,9 @@ class JWKSVerifier:
         return self._cache.loaded
 
     async def verify(self, token: str, *, now: float) -> TokenClaims:
-        header = read_header(token, max_bytes=self._max_token_bytes)
-        keys = await self._cache.candidates(header.kid, header.alg)
-        claims = _verified_claims(token, header, keys)
+        parts = parse_token(token, max_bytes=self._max_token_bytes)
+        keys = await self._cache.candidates(parts.header.kid, parts.header.alg)
+        claims = _verified_claims(parts, keys)
         return validate_claims(
             claims,
             issuer=self._settings.issuer,
@@ -733,29 +770,31 @@ class JWKSVerifier:
         await self.aclose()
 
 
-def _verified_claims(
-    token: str, header: TokenHeader, keys: tuple[VerificationKey, ...]
-) -> dict[str, Any]:
+def _verified_claims(parts: TokenParts, keys: tuple[VerificationKey, ...]) -> dict[str, Any]:
+    header = parts.header
     usable = [key for key in keys if key.fits(header.alg)]
     if not usable:
         raise InvalidToken(
             TokenReason.ALG_NOT_ALLOWED, f"alg {header.alg} does not fit key {header.kid!r:.80}"
         )
+    algorithm = _ALGORITHMS[header.alg]
     for key in usable:
         try:
-            claims: dict[str, Any] = jwt.decode(
-                token, key.public_key, algorithms=[header.alg], options=SIGNATURE_ONLY
-            )
-        except jwt.InvalidSignatureError:
-            continue
-        except jwt.DecodeError as exc:
-            raise InvalidToken(
-                TokenReason.MALFORMED, "payload is not a base64url JSON object"
-            ) from exc
-        except jwt.PyJWTError as exc:
-            raise InvalidToken(TokenReason.SIGNATURE_INVALID, type(exc).__name__) from exc
-        return claims
-    raise InvalidToken(TokenReason.SIGNATURE_INVALID, "signature does not verify")
+            verified = algorithm.verify(parts.signing_input, key.public_key, parts.signature)
+        except Exception as exc:  # noqa: BLE001  (a signature the backend cannot even read)
+            raise InvalidToken(TokenReason.SIGNATURE_INVALID, type(exc).__name__) from None
+        if verified:
+            break
+    else:
+        raise InvalidToken(TokenReason.SIGNATURE_INVALID, "signature does not verify")
+    not_an_object = InvalidToken(TokenReason.MALFORMED, "payload is not a base64url JSON object")
+    try:
+        claims = json.loads(parts.payload)
+    except (ValueError, RecursionError):
+        raise not_an_object from None
+    if not isinstance(claims, dict):
+        raise not_an_object
+    return claims
 
 
 def _check_settings(settings: TokenSettings) -> None:

@@ -464,6 +464,21 @@ async def test_malformed(verifier: JWKSVerifier, source: MemorySource, token: An
     assert source.fetches == 0
 
 
+BASE64URL_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+async def test_non_canonical_base64url_is_malformed(verifier: JWKSVerifier) -> None:
+    token = mint(rs())
+    assert (await verifier.verify(token, now=NOW + 10)).pod_name == "api-1"
+    # An RSA-2048 signature is 342 characters; the last one carries 4 unused bits.
+    # Setting one gives another text for the same bytes: a lenient decoder would
+    # accept this copy of a genuine token.
+    data, _, signature = token.rpartition(".")
+    last = BASE64URL_ALPHABET.index(signature[-1])
+    twin = f"{data}.{signature[:-1]}{BASE64URL_ALPHABET[last ^ 1]}"
+    assert await reason(verifier, twin) == TokenReason.MALFORMED
+
+
 async def test_oversized_token_is_refused_before_decoding(
     verifier: JWKSVerifier, source: MemorySource
 ) -> None:
