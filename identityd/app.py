@@ -134,12 +134,23 @@ async def _start_configmap_policies(
                 identity=new_identity(os.environ.get("POD_NAME")),
             ),
         )
+    on_status_write = None
+    if metrics is not None:
+        writes = metrics.policy_status_writes
+
+        def on_status_write(ok: bool) -> None:
+            writes.labels(result="ok" if ok else "error").inc()
+
+        if elector is not None:
+            leading = metrics.policy_status_leader
+            elector.subscribe(lambda now_leading: leading.set(1 if now_leading else 0))
     source = ConfigMapSource(
         connection,
         ConfigMapSettings(
             namespaces=settings.policy_configmap_namespaces, write_status=settings.policy_status
         ),
         leader=elector,
+        on_status_write=on_status_write,
     )
     reloader = PolicyReloader(source, engine, interval=interval, metrics=metrics)
     feed = PolicyFeed(reloader, source, elector)

@@ -87,6 +87,20 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.policy_status_writes = Counter(
+            "identityd_policy_status_writes_total",
+            "kube-mgmt-status annotations written back to policy ConfigMaps, by result "
+            "(ok, error: the PATCH failed and is retried).",
+            ["result"],
+            registry=r,
+        )
+        # livesum: the workers of this pod that lead (0 or 1 with one Lease).
+        self.policy_status_leader = Gauge(
+            "identityd_policy_status_leader",
+            "1 while this process holds the Lease that lets it write policy status.",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
 
 
 def render(metrics: Metrics) -> bytes:

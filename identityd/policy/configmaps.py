@@ -386,7 +386,10 @@ class ConfigMapSource:
         api: ConfigMapsAPI | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        on_status_write: Callable[[bool], None] | None = None,
     ) -> None:
+        """``on_status_write(ok)`` is told of every status PATCH that succeeded or
+        failed (not of 404/409, which the watch resolves); for metrics."""
         if connection is None and api is None:
             raise ValueError("connection: required unless an api is given")
         self._connection = connection
@@ -404,6 +407,7 @@ class ConfigMapSource:
         self.changes = 0
         self.status_writes = 0
         self.status_failures = 0
+        self._on_status_write = on_status_write
         if leader is not None:
             leader.subscribe(lambda _leading: self._dirty.set())
 
@@ -639,6 +643,10 @@ class ConfigMapSource:
             await asyncio.sleep(self._backoff(failures))
             self._dirty.set()
 
+    def _tell_status_write(self, ok: bool) -> None:
+        if self._on_status_write is not None:
+            self._on_status_write(ok)
+
     async def write_status_once(self) -> bool:
         """PATCH every annotation that differs from what it should be, if we may write.
         False when a write failed (to be retried)."""
@@ -664,12 +672,14 @@ class ConfigMapSource:
                 if exc.status in (404, 409):
                     continue  # deleted or edited meanwhile: the watch tells us
                 self.status_failures += 1
+                self._tell_status_write(False)
                 ok = False
                 log.warning(
                     "policy ConfigMap %s/%s: status not written: %s", cm.namespace, cm.name, exc
                 )
                 continue
             self.status_writes += 1
+            self._tell_status_write(True)
             log.info("policy ConfigMap %s/%s: status %s", cm.namespace, cm.name, value)
             # The answer succeeds the object we patched; keep it unless the watch has
             # moved past that object already (resourceVersions are not to be ordered).

@@ -240,6 +240,10 @@ async def test_policies_from_configmaps_are_enforced_and_status_written(
             await asyncio.sleep(0.02)
         assert meta["annotations"]["openpolicyagent.org/kube-mgmt-status"] == '{"status":"ok"}'
         assert api.store.get("leases", "identityd-system", "identityd-policy-status") is not None
+        # The operator sees the write-back and the leadership in /metrics.
+        _, text = await svc.get("/metrics")
+        assert 'identityd_policy_status_writes_total{result="ok"} 1.0' in text
+        assert "identityd_policy_status_leader 1.0" in text
     finally:
         await svc.http.close()
         await server.close()

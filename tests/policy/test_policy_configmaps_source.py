@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import pytest
@@ -136,12 +136,15 @@ async def engine(request: pytest.FixtureRequest, opa: OPADouble) -> AsyncIterato
 
 @contextlib.asynccontextmanager
 async def running(
-    api: KubeAPIServer, engine: PolicyEngine, settings: ConfigMapSettings | None = None
+    api: KubeAPIServer,
+    engine: PolicyEngine,
+    settings: ConfigMapSettings | None = None,
+    on_status_write: Callable[[bool], None] | None = None,
 ) -> AsyncIterator[tuple[ConfigMapSource, PolicyReloader]]:
     """The wiring app.py does: source started and synced, first load settled, then the
     reloader in the background. A long poll interval: only triggers can be fast."""
     source = ConfigMapSource(KubeConnection(host=api.url, token=api.token),
-                             settings or fast_settings())
+                             settings or fast_settings(), on_status_write=on_status_write)
     reloader = PolicyReloader(source, engine, interval=60)
     async with source:
         async with asyncio.timeout(5):
@@ -313,9 +316,14 @@ async def test_status_is_patched_with_the_resource_version_as_precondition(
 async def test_a_failed_status_write_is_retried(api: KubeAPIServer) -> None:
     api.put("configmaps", policy_configmap("base", BASE))
     api.fail_next(2, 500, method="PATCH")
-    async with EmbeddedEngine() as engine, running(api, engine) as (source, _):
+    told: list[bool] = []
+    async with EmbeddedEngine() as engine, running(api, engine, on_status_write=told.append) as (
+        source,
+        _,
+    ):
         await eventually(lambda: raw_status(api, "base") == OK)
         assert source.status_failures == 2 and source.status_writes == 1
+    assert told == [False, False, True]  # what identityd_policy_status_writes_total counts
 
 
 async def test_status_is_not_written_when_disabled(api: KubeAPIServer) -> None:
