@@ -44,6 +44,7 @@ MULTI_DENY_PATCH: dict[str, Any] = {
     "pod": {"phase": "Failed", "terminating": True, "labels": {"identityd.io/refresh": "false"}},
     "token": {"node": {"name": "node-9"}},
     "csr": {"key_type": "RSA", "key_bits": 1024, "curve": "", "other_sans": ["email:x@x.io"]},
+    "key": {"key_type": "RSA", "key_bits": 1024, "curve": ""},
     "request": {"attributes": {"sanDNS": ["api.sports-web.k8s.example.com", "evil.example.com"]}},
 }
 

@@ -16,7 +16,9 @@ from identityd.callback.policy_input import build_input
 from identityd.callback.request import CallbackRequest, parse_request
 from identityd.errors import Denied, InvalidCSR
 from identityd.inventory.base import PodInventory, PodRecord
-from identityd.keys.csr import parse_csr, public_key_pem_sha256
+from identityd.keys.csr import parse_csr, parse_public_key
+from identityd.keys.csr_info import CSRInfo
+from identityd.keys.key_info import KeyInfo
 from identityd.policy.base import Decision, PolicyEngine
 from identityd.settings import IdentitySettings
 from identityd.tokens.base import TokenClaims, TokenVerifier
@@ -66,18 +68,26 @@ class Pipeline:
         lap("token")
 
         csr = parse_csr(req.csr_pem) if req.csr_pem else None
-        if csr is not None:
-            record.csr_key_sha256 = csr.public_key_sha256
-            public_key_pem = req.attributes.get("csrPublicKey")
-            # ZTS states the key it will certify; the CSR must be for that same key.
-            if public_key_pem and public_key_pem_sha256(public_key_pem) != csr.public_key_sha256:
-                raise InvalidCSR("CSR_PUBLIC_KEY_MISMATCH", "csrPublicKey is not the CSR's key")
+        public_key = _csr_public_key(req, csr)
+        # The key the certificate will carry, whichever way it came; policy judges it.
+        certified = csr if csr is not None else public_key
+        if certified is not None:
+            record.csr_key_sha256 = certified.public_key_sha256
             lap("csr")
 
         pod, found_by = await self._find_pod(claims)
         lap("inventory")
 
-        input_doc = build_input(req, claims, pod, csr, self._identity, now=now, found_by=found_by)
+        input_doc = build_input(
+            req,
+            claims,
+            pod,
+            csr,
+            self._identity,
+            now=now,
+            found_by=found_by,
+            public_key=public_key,
+        )
         decision = await self._engine.evaluate(input_doc)
         lap("policy")
         if not decision.allow:
@@ -98,3 +108,16 @@ class Pipeline:
         return await self._inventory.get(
             claims.namespace, claims.pod_name, uid=claims.pod_uid
         ), "name"
+
+
+def _csr_public_key(req: CallbackRequest, csr: CSRInfo | None) -> KeyInfo | None:
+    """ZTS's attribute csrPublicKey, parsed (400 BAD_CSR_PUBLIC_KEY if it is not a key).
+
+    ZTS states the key it will certify; with a CSR, it must be the CSR's key."""
+    pem = req.attributes.get("csrPublicKey")
+    if not pem:
+        return None
+    key = parse_public_key(pem)
+    if csr is not None and key.public_key_sha256 != csr.public_key_sha256:
+        raise InvalidCSR("CSR_PUBLIC_KEY_MISMATCH", "csrPublicKey is not the CSR's key")
+    return key

@@ -12,6 +12,7 @@ from typing import Any
 from identityd.callback.request import LIST_ATTRIBUTES, PEM_ATTRIBUTES, CallbackRequest
 from identityd.inventory.base import PodRecord
 from identityd.keys.csr_info import CSRInfo
+from identityd.keys.key_info import KeyInfo
 from identityd.policy.base import INPUT_VERSION
 from identityd.settings import IdentitySettings
 from identityd.tokens.base import TokenClaims
@@ -98,6 +99,17 @@ def pod_section(pod: PodRecord | None, found_by: str) -> dict[str, Any] | None:
     }
 
 
+def key_section(csr: CSRInfo | None, public_key: KeyInfo | None) -> dict[str, object] | None:
+    """The key the certificate will carry, judged by policy whichever way it came.
+
+    ZTS usually sends only csrPublicKey; the CSR's key wins when both are sent
+    (the pipeline has checked they are the same key). None when neither is:
+    nothing to judge, the CA has no key to certify."""
+    if csr is not None:
+        return KeyInfo.of_csr(csr).as_input()
+    return public_key.as_input() if public_key is not None else None
+
+
 def config_section(identity: IdentitySettings) -> dict[str, Any]:
     return {
         "provider": identity.provider,
@@ -138,7 +150,9 @@ def build_input(
     *,
     now: float,
     found_by: str = "uid",
+    public_key: KeyInfo | None = None,
 ) -> dict[str, Any]:
+    """The input document. ``public_key`` is attribute csrPublicKey, parsed."""
     return {
         "version": INPUT_VERSION,
         "kind": req.kind,
@@ -146,6 +160,7 @@ def build_input(
         "token": token_section(claims),
         "pod": pod_section(pod, found_by),
         "csr": csr.as_input() if csr else None,
+        "key": key_section(csr, public_key),
         "config": config_section(identity),
         "facts": facts_section(req, claims, csr, now),
     }

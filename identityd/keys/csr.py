@@ -18,12 +18,13 @@ from collections.abc import Iterable, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import dh, dsa, ec, ed448, ed25519, rsa, x448, x25519
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
 from identityd.errors import BadRequest, InvalidCSR
 from identityd.keys.csr_info import CSRInfo
+from identityd.keys.key_info import SOURCE_CSR_PUBLIC_KEY, KeyInfo
 from identityd.settings import MAX_CSR_BYTES, MAX_SAN_ENTRIES
 
 # The keys the recipes make and sign with.
@@ -103,7 +104,10 @@ def _read(csr: x509.CertificateSigningRequest) -> CSRInfo:
     cn = _common_name(csr.subject)
     dns, ips, uris, other = _sans(csr)
     public_key = csr.public_key()
-    key_type, key_bits, curve = _key_facts(public_key)
+    facts = _key_facts(public_key)
+    if facts is None:
+        raise _bad(f"unsupported key type {type(public_key).__name__}")
+    key_type, key_bits, curve = facts
     return CSRInfo(
         cn=cn,
         dns=dns,
@@ -200,7 +204,8 @@ def _check_text(value: str, where: str) -> str:
     return value
 
 
-def _key_facts(key: PublicKeyTypes) -> tuple[str, int, str | None]:
+def _key_facts(key: PublicKeyTypes) -> tuple[str, int, str | None] | None:
+    """(type, bits, curve) of a signature key, weak ones too (policy judges them); else None."""
     if isinstance(key, rsa.RSAPublicKey):
         return "RSA", key.key_size, None
     if isinstance(key, ec.EllipticCurvePublicKey):
@@ -211,7 +216,22 @@ def _key_facts(key: PublicKeyTypes) -> tuple[str, int, str | None]:
         return "Ed448", 456, None  # 57-byte public key
     if isinstance(key, dsa.DSAPublicKey):
         return "DSA", key.key_size, None
-    raise _bad(f"unsupported key type {type(key).__name__}")
+    return None
+
+
+def _any_key_facts(key: PublicKeyTypes) -> tuple[str, int, str | None] | None:
+    """As _key_facts, and key-agreement keys: no CSR is signed with one (BAD_CSR stays
+    as it was), but csrPublicKey may name one, and policy refuses its type."""
+    facts = _key_facts(key)
+    if facts is not None:
+        return facts
+    if isinstance(key, x25519.X25519PublicKey):
+        return "X25519", 256, None
+    if isinstance(key, x448.X448PublicKey):
+        return "X448", 448, None
+    if isinstance(key, dh.DHPublicKey):
+        return "DH", key.key_size, None
+    return None
 
 
 # --- recipes for the agent and the dev CA ------------------------------------------------------
@@ -303,12 +323,34 @@ def public_key_sha256(public_key: PublicKeyTypes) -> str:
     return hashlib.sha256(spki).hexdigest()
 
 
-def public_key_pem_sha256(pem: str) -> str:
-    """Fingerprint of a PEM public key (ZTS's ``csrPublicKey``); BadRequest if it is not one."""
+def parse_public_key(pem: str) -> KeyInfo:
+    """Read ZTS's ``csrPublicKey`` (the PEM public key it will certify) into a KeyInfo.
+
+    Raises ``BadRequest("BAD_CSR_PUBLIC_KEY")`` when it is not a PEM public key.
+    Weak keys and other key types parse fine: policy judges them.
+    """
+    if not isinstance(pem, str):
+        raise TypeError(f"pem: expected str, got {type(pem).__name__}")
     if len(pem) > MAX_CSR_BYTES or not pem.isascii():
         raise BadRequest("BAD_CSR_PUBLIC_KEY", "csrPublicKey is not an ASCII PEM public key")
     try:
         key = serialization.load_pem_public_key(pem.encode("ascii"))
+        facts = _any_key_facts(key)
+        fingerprint = public_key_sha256(key)
     except Exception:  # noqa: BLE001 - cryptography raises several types; all mean "not a key"
         raise BadRequest("BAD_CSR_PUBLIC_KEY", "csrPublicKey is not a PEM public key") from None
-    return public_key_sha256(key)
+    if facts is None:
+        raise BadRequest("BAD_CSR_PUBLIC_KEY", f"unsupported key type {type(key).__name__}")
+    key_type, key_bits, curve = facts
+    return KeyInfo(
+        source=SOURCE_CSR_PUBLIC_KEY,
+        key_type=key_type,
+        key_bits=key_bits,
+        curve=curve,
+        public_key_sha256=fingerprint,
+    )
+
+
+def public_key_pem_sha256(pem: str) -> str:
+    """Fingerprint of a PEM public key (ZTS's ``csrPublicKey``); BadRequest if it is not one."""
+    return parse_public_key(pem).public_key_sha256

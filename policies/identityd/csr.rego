@@ -1,5 +1,6 @@
-# The CSR (when the CA forwarded it): subject, SANs equal to the request's, key.
-# Python has verified its signature and parsed it into input.csr.
+# The CSR (when the CA forwarded it): subject, SANs equal to the request's; and
+# the key the certificate will carry. Python has verified the CSR's signature and
+# parsed it into input.csr, and the key into input.key.
 package identityd
 
 import rego.v1
@@ -29,22 +30,24 @@ violations contains msg if {
 	msg := concat("", ["CSR_SAN_MISMATCH: unsupported SAN kinds: ", concat(", ", sort(others))])
 }
 
+# The key the certificate will carry (input.key): the CSR's, or csrPublicKey when
+# ZTS sends no CSR, so these run either way. With neither there is no key to judge.
 violations contains concat("", ["CSR_KEY_TYPE_NOT_ALLOWED: ", key_type]) if {
-	key_type := str(csr, "key_type")
+	key_type := str(cert_key, "key_type")
 	not key_type in {"RSA", "EC"}
 }
 
 rsa_bits_enough if {
-	is_number(csr.key_bits)
+	is_number(cert_key.key_bits)
 	is_number(cfg.min_rsa_bits)
-	csr.key_bits >= cfg.min_rsa_bits
+	cert_key.key_bits >= cfg.min_rsa_bits
 }
 
 violations contains msg if {
-	str(csr, "key_type") == "RSA"
+	str(cert_key, "key_type") == "RSA"
 	not rsa_bits_enough
 	msg := concat("", [
-		"CSR_KEY_WEAK: RSA key of ", number_text(object.get(csr, "key_bits", null)),
+		"CSR_KEY_WEAK: RSA key of ", number_text(object.get(cert_key, "key_bits", null)),
 		" bits, at least ", number_text(object.get(cfg, "min_rsa_bits", null)), " required",
 	])
 }
@@ -52,8 +55,8 @@ violations contains msg if {
 allowed_ec_curves := as_set(str_list(cfg, "allowed_ec_curves"))
 
 violations contains concat("", ["CSR_KEY_WEAK: EC curve '", curve, "' is not allowed"]) if {
-	str(csr, "key_type") == "EC"
-	curve := str(csr, "curve")
+	str(cert_key, "key_type") == "EC"
+	curve := str(cert_key, "curve")
 	not curve in allowed_ec_curves
 }
 

@@ -129,15 +129,20 @@ fast_allow if {
 	}
 
 	# A CSR (none when it is not an object, as csr.rego): exactly the request's
-	# SANs in the same order, the attested CN, nothing else, an allowed key.
+	# SANs in the same order, the attested CN, nothing else.
 	every request_csr in [c | c := input.csr; is_object(c)] {
 		request_csr.cn == concat(".", [domain, service_account])
 		request_csr.dns == dns
 		request_csr.ips == san_ips
 		request_csr.uris == uris
 		request_csr.other_sans == []
-		fast_key(request_csr.key_type, request_csr.curve, request_csr.key_bits, curves, config.min_rsa_bits)
 	}
+
+	# The key the certificate will carry (input.key, csr.rego): an allowed one. A
+	# request with no key at all (null) is left to the checks, as is any key that
+	# is not an object: both are rare, and this keeps the common case one call.
+	cert := input.key
+	fast_key(cert.key_type, cert.curve, cert.key_bits, curves, config.min_rsa_bits)
 }
 
 # A refresh needs it allowed by the configuration and not refused by the pod.

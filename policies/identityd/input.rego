@@ -2,9 +2,10 @@
 #
 # Every section is read through a rule that is always defined ({} or "" when a
 # piece is absent or of the wrong type), so a missing piece becomes a deny
-# reason, never an undefined decision. `pod` and `csr` are the exceptions: they
-# are undefined when null, which switches off the checks that need them
-# (POD_NOT_FOUND stands in for the pod's; a request without a CSR is legitimate).
+# reason, never an undefined decision. `pod`, `csr` and `cert_key` are the
+# exceptions: they are undefined when null, which switches off the checks that
+# need them (POD_NOT_FOUND stands in for the pod's; a request without a CSR is
+# legitimate, and one with no key at all has no key to judge).
 package identityd
 
 import rego.v1
@@ -32,6 +33,9 @@ facts := input.facts if is_object(input.facts)
 pod := input.pod if is_object(input.pod)
 
 csr := input.csr if is_object(input.csr)
+
+# The key the certificate will carry: the CSR's, else ZTS's csrPublicKey.
+cert_key := input.key if is_object(input.key)
 
 # obj[key] when it is a string, else "". Callers pass a defined obj: an
 # undefined argument would make the whole expression (and its rule) undefined.
@@ -136,6 +140,20 @@ input_problems contains concat("", ["csr.", field, " is not a string list"]) if 
 	csr
 	some field in ["dns", "ips", "uris", "other_sans"]
 	not is_string_list(object.get(csr, field, null))
+}
+
+# The key section is an object or null, and an object whenever a CSR is sent (it
+# is the CSR's key then): a host or policy set out of step cannot switch the key
+# checks off by leaving it out.
+input_problems contains "key is not an object or null" if {
+	value := input.key
+	not is_null(value)
+	not is_object(value)
+}
+
+input_problems contains "key is missing while a CSR is sent" if {
+	csr
+	not cert_key
 }
 
 # Absent means none; present, they must be maps.

@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
@@ -31,6 +32,14 @@ from tests.adversarial.adversarial_world import (
     honest_names,
     raw_request,
 )
+
+
+def _public_pem(key: Any) -> str:
+    text: bytes = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return text.decode("ascii")
+
 
 # --- identity confusion (a genuine token; the request names something else) -------------
 
@@ -463,6 +472,31 @@ def san_abuse() -> Iterator[Case]:
             lambda w: honest_names(w, w.pods.api),
             key=lambda: ec.generate_private_key(ec.SECP256K1()),
         ),
+    )
+
+    # No CSR, only csrPublicKey (what ZTS sends by default): the key is judged the same.
+    def public_key_only(key: Callable[[], Any]) -> Callable[[World], dict[str, Any]]:
+        return lambda w: w.confirmation(csr=False, attributes={"csrPublicKey": _public_pem(key())})
+
+    yield deny(
+        "csrPublicKey alone with an RSA-1024 key",
+        "CSR_KEY_WEAK",
+        public_key_only(lambda: rsa.generate_private_key(public_exponent=65537, key_size=1024)),
+    )
+    yield deny(
+        "csrPublicKey alone with a secp256k1 key",
+        "CSR_KEY_WEAK",
+        public_key_only(lambda: ec.generate_private_key(ec.SECP256K1())),
+    )
+    yield deny(
+        "csrPublicKey alone with a P-192 key",
+        "CSR_KEY_WEAK",
+        public_key_only(lambda: ec.generate_private_key(ec.SECP192R1())),
+    )
+    yield deny(
+        "csrPublicKey alone with an Ed25519 key",
+        "CSR_KEY_TYPE_NOT_ALLOWED",
+        public_key_only(ed25519.Ed25519PrivateKey.generate),
     )
 
     def damaged_signature(w: World) -> dict[str, Any]:

@@ -13,13 +13,14 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import regopy
+from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from identityd.callback.policy_input import build_input
 from identityd.callback.request import CallbackRequest, parse_request
 from identityd.inventory.base import PodRecord
-from identityd.keys.csr import build_csr, generate_key, parse_csr
+from identityd.keys.csr import build_csr, generate_key, parse_csr, parse_public_key
 from identityd.policy.cases import load_bases, load_cases
 from identityd.policy.embedded import EmbeddedEngine
 from identityd.policy.sources import load_policy_dir
@@ -59,23 +60,28 @@ def _with(base: str, *changes: tuple[Path_, object]) -> dict[str, Any]:
     return doc
 
 
-def _built_by_identityd(csr_kind: str) -> dict[str, Any]:
-    """An input as identityd's own builder makes it, with a real CSR."""
+def _built_by_identityd(csr_kind: str, *, with_csr: bool = True) -> dict[str, Any]:
+    """An input as identityd's own builder makes it from a real key: a CSR and
+    csrPublicKey as the dev CA sends them, or csrPublicKey alone as ZTS usually does."""
+    key = generate_key(csr_kind)
     sans = {
         "dns": ["api.sports-web.k8s.example.com", f"{UID}.instanceid.athenz.k8s.example.com"],
         "ips": ["10.1.2.3"],
         "uris": ["spiffe://sports.web/sa/api", f"athenz://instanceid/sys.auth.k8s/{UID}"],
     }
     pem = build_csr(
-        generate_key(csr_kind), cn="sports.web.api", dns=sans["dns"], ips=sans["ips"],
-        uris=sans["uris"],
+        key, cn="sports.web.api", dns=sans["dns"], ips=sans["ips"], uris=sans["uris"],
     )
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
     body = {
         "provider": "sys.auth.k8s", "domain": "sports.web", "service": "api",
         "attestationData": "a.b.c",
         "attributes": {
             "instanceId": UID, "clientIP": "10.1.2.3", "sanDNS": ",".join(sans["dns"]),
-            "sanIP": "10.1.2.3", "sanURI": ",".join(sans["uris"]), "csr": pem,
+            "sanIP": "10.1.2.3", "sanURI": ",".join(sans["uris"]), "csrPublicKey": public_pem,
+            **({"csr": pem} if with_csr else {}),
         },
     }
     request: CallbackRequest = parse_request("instance", json.dumps(body).encode())
@@ -89,15 +95,25 @@ def _built_by_identityd(csr_kind: str) -> dict[str, Any]:
         uid=UID, namespace="sports-web", name="api-7d9f", service_account="api",
         phase="Running", ips=("10.1.2.3",), node_name="node-1", labels={"app": "api"},
     )
-    return build_input(request, claims, pod, parse_csr(pem), IdentitySettings(), now=1100)
+    csr = parse_csr(pem) if with_csr else None
+    return build_input(
+        request, claims, pod, csr, IdentitySettings(), now=1100,
+        public_key=parse_public_key(public_pem),
+    )
+
+
+def _rsa(section: str, bits: int) -> list[tuple[Path_, object]]:
+    return [((section, "key_type"), "RSA"), ((section, "key_bits"), bits), ((section, "curve"), "")]
 
 
 LEGITIMATE: dict[str, dict[str, Any]] = {
     "base allow": BASES["allow"],
     "base allow without CSR": BASES["allow_no_csr"],
     "base refresh": BASES["refresh"],
-    "RSA key": _with("allow", (("csr", "key_type"), "RSA"), (("csr", "key_bits"), 3072),
-                     (("csr", "curve"), "")),
+    "RSA key": _with("allow", *_rsa("csr", 3072), *_rsa("key", 3072)),
+    "RSA key from csrPublicKey": _with("allow_no_csr", *_rsa("key", 2048)),
+    "P-384 key from csrPublicKey": _with(
+        "allow_no_csr", (("key", "key_bits"), 384), (("key", "curve"), "secp384r1")),
     "token without a node": _with("allow", (("token", "node"), None)),
     "dual-stack pod": _with("allow", (("pod", "ips"), ["10.1.2.3", "fd00::1"])),
     "two DNS suffixes": _with("allow", (("config", "dns_suffixes"),
@@ -113,6 +129,8 @@ LEGITIMATE: dict[str, dict[str, Any]] = {
         "allow", (("pod", "annotations"), {"identityd.io/cert-expiry-minutes": "60"})),
     "built by identityd, EC key": _built_by_identityd("EC"),
     "built by identityd, RSA key": _built_by_identityd("RSA"),
+    "built by identityd, csrPublicKey only, EC key": _built_by_identityd("EC", with_csr=False),
+    "built by identityd, csrPublicKey only, RSA key": _built_by_identityd("RSA", with_csr=False),
 }
 
 # Allowed, but in a shape fast.rego does not vouch for: the checks decide.
@@ -122,6 +140,8 @@ SLOW_BUT_ALLOWED: dict[str, dict[str, Any]] = {
     "sanIP not in canonical form": _with(
         "allow_no_csr", (("pod", "ips"), ["10.1.2.3", "fd00::1"]),
         (("request", "attributes", "sanIP"), ["FD00::1"]), (("facts", "san_ips"), ["fd00::1"])),
+    # Neither a CSR nor csrPublicKey: ZTS always sends one, so the shortcut leaves it out.
+    "no key at all": BASES["allow_no_key"],
 }
 
 
@@ -263,9 +283,10 @@ def _changed(doc: dict[str, Any], path: Path_, action: str, value: object) -> di
 # Each base with the sections whose checks differ from the `allow` sweep's.
 SWEEP_BASES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "allow": (BASES["allow"], ()),
-    "allow_no_csr": (BASES["allow_no_csr"], ("csr", "facts", "request")),
+    "allow_no_csr": (BASES["allow_no_csr"], ("csr", "key", "facts", "request")),
     "refresh": (BASES["refresh"], ("kind", "config", "pod")),
-    "rsa": (LEGITIMATE["RSA key"], ("csr", "config")),
+    "rsa": (LEGITIMATE["RSA key"], ("csr", "key", "config")),
+    "rsa_public_key": (LEGITIMATE["RSA key from csrPublicKey"], ("csr", "key", "config")),
 }
 
 
@@ -288,7 +309,13 @@ def test_any_single_change_keeps_the_contract(base: str) -> None:
 
 
 # Fields the policies compare with each other: changed together, they still agree.
+# The `allow` base unless a twin names another legitimate input.
+TWIN_BASES: dict[tuple[Path_, ...], dict[str, Any]] = {
+    (("key", "key_bits"), ("config", "min_rsa_bits")): LEGITIMATE["RSA key"],
+}
 TWINS: list[tuple[Path_, ...]] = [
+    *TWIN_BASES,
+    (("key", "curve"), ("config", "allowed_ec_curves", 0)),
     (("token", "namespace"), ("pod", "namespace")),
     (("token", "service_account"), ("pod", "service_account"), ("request", "service")),
     (("token", "pod", "name"), ("pod", "name")),
@@ -304,7 +331,7 @@ TWINS: list[tuple[Path_, ...]] = [
 @pytest.mark.parametrize("twins", TWINS, ids=lambda t: "=".join(".".join(map(str, p)) for p in t))
 def test_compared_fields_changed_together_keep_the_contract(twins: tuple[Path_, ...]) -> None:
     for value in [*REPRESENTATIVES, {"x": "10.1.2.3"}, ["10.1.2.3", 1]]:
-        doc = BASES["allow"]
+        doc = TWIN_BASES.get(twins, BASES["allow"])
         for path in twins:
             doc = _changed(doc, path, "replace", value)
         CONTRACT.check(doc)
@@ -312,7 +339,7 @@ def test_compared_fields_changed_together_keep_the_contract(twins: tuple[Path_, 
 
 @st.composite
 def variants(draw: st.DrawFn) -> dict[str, Any]:
-    doc = BASES[draw(st.sampled_from(["allow", "allow_no_csr", "refresh"]))]
+    doc = BASES[draw(st.sampled_from(["allow", "allow_no_csr", "allow_no_key", "refresh"]))]
     for _ in range(draw(st.integers(2, 4))):
         path = draw(st.sampled_from(list(_paths(doc))))
         value: Any = doc

@@ -36,7 +36,7 @@ def _is_number(v: object) -> bool:
 # Fields the policies read but where other values are legitimate too.
 TOLERANT: dict[str, Callable[[object], bool]] = {
     "kind": lambda v: v == "refresh",  # refresh is allowed by the base config
-    "csr.curve": lambda v: v in ("secp256r1", "secp384r1"),
+    "key.curve": lambda v: v in ("secp256r1", "secp384r1"),
     "config.cert_expiry_minutes": lambda v: _is_number(v) and v > 0,  # type: ignore[operator]
     "config.cert_usage": lambda v: isinstance(v, str) and v != "",
     # Only in the Kubernetes SPIFFE URI, which the base does not ask for.
@@ -56,8 +56,10 @@ IGNORED = {
     "token.service_account_uid", "token.node.uid",
     "token.iat", "token.exp", "token.nbf", "token.verified_by",
     "pod.labels.app", "pod.start_time", "pod.found_by",
-    "csr.key_bits",  # EC: the curve decides
-    "csr.public_key_sha256", "csr.subject",
+    # The key checks judge input.key; the CSR's key fields are there for other policies.
+    "csr.key_type", "csr.key_bits", "csr.curve", "csr.public_key_sha256", "csr.subject",
+    "key.source", "key.public_key_sha256",  # for other policies and the decision log
+    "key.key_bits",  # EC: the curve decides
     "facts.now", "facts.token_age_seconds",
 }
 
