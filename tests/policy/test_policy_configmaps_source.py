@@ -322,6 +322,8 @@ async def test_a_failed_status_write_is_retried(api: KubeAPIServer) -> None:
         _,
     ):
         await eventually(lambda: raw_status(api, "base") == OK)
+        # The double stores the patch before its answer reaches the source.
+        await eventually(lambda: source.status_writes == 1)
         assert source.status_failures == 2 and source.status_writes == 1
     assert told == [False, False, True]  # what identityd_policy_status_writes_total counts
 

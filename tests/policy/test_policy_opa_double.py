@@ -4,6 +4,7 @@ status codes a client depends on, over real HTTP, plus its test controls."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -131,15 +132,63 @@ async def test_malformed_input_body_is_400(opa: OPADouble, http: aiohttp.ClientS
     assert (status, body["code"]) == (400, "invalid_parameter")
 
 
-async def test_metrics_parameter(opa: OPADouble, http: aiohttp.ClientSession) -> None:
+# OPA's timers for POST /v1/data (docs/rest-api, "Performance Metrics"), in ns.
+TIMERS = {"timer_rego_input_parse_ns", "timer_rego_query_eval_ns", "timer_server_handler_ns"}
+
+
+async def test_metrics_are_opas_timers_beside_the_result(
+    opa: OPADouble, http: aiohttp.ClientSession
+) -> None:
     await put(http, opa, "p", DECIDE)
-    _, body = await call(http, "POST", f"{opa.url}/v1/data/identityd/decision?metrics=true",
-                         json={"input": {"ok": True}})
-    assert body["metrics"]["timer_rego_query_eval_ns"] > 0
-    assert body["metrics"]["timer_server_handler_ns"] >= body["metrics"]["timer_rego_query_eval_ns"]
-    [record] = opa.data_requests()
-    assert record.eval_ns > 0
-    assert record.query == {"metrics": "true"}
+    url = f"{opa.url}/v1/data/identityd/decision?metrics=true"
+    _, first = await call(http, "POST", url, json={"input": {"ok": True}})
+    _, second = await call(http, "POST", url, json={"input": {"ok": True}})
+    assert first["result"] == second["result"] == {"allow": True, "reasons": [], "attributes": {}}
+    # As OPA: the query is compiled for the path once, then comes from the cache.
+    assert set(first["metrics"]) == TIMERS | {"timer_rego_query_compile_ns",
+                                              "counter_server_query_cache_hit"}
+    assert set(second["metrics"]) == TIMERS | {"counter_server_query_cache_hit"}
+    assert (first["metrics"]["counter_server_query_cache_hit"],
+            second["metrics"]["counter_server_query_cache_hit"]) == (0, 1)
+    for metrics in (first["metrics"], second["metrics"]):
+        assert all(type(value) is int for value in metrics.values())
+        inside = (metrics["timer_rego_input_parse_ns"] + metrics["timer_rego_query_eval_ns"]
+                  + metrics.get("timer_rego_query_compile_ns", 0))
+        assert metrics["timer_server_handler_ns"] >= inside
+        assert metrics["timer_rego_input_parse_ns"] > 0
+        assert metrics["timer_rego_query_eval_ns"] > 0
+    assert [r.query for r in opa.data_requests()] == [{"metrics": "true"}] * 2
+    # Undefined: the metrics alone. An error: OPA's error body, without metrics.
+    _, undefined = await call(http, "POST", f"{opa.url}/v1/data/identityd/nothing?metrics=true",
+                              json={"input": {}})
+    assert set(undefined) == {"metrics"}
+    status, error = await call(http, "POST", url, data=b"{nope",
+                               headers={"Content-Type": "application/json"})
+    assert (status, set(error)) == (400, {"code", "message"})
+
+
+async def test_handler_timer_runs_from_the_requests_own_receipt(
+    opa: OPADouble, http: aiohttp.ClientSession
+) -> None:
+    await put(http, opa, "p", DECIDE)
+    url = f"{opa.url}/v1/data/identityd/decision?metrics=true"
+
+    async def timed(document: dict[str, Any]) -> tuple[int, int]:
+        started = time.perf_counter_ns()
+        _, body = await call(http, "POST", url, json=document)
+        return body["metrics"]["timer_server_handler_ns"], time.perf_counter_ns() - started
+
+    # A slow server is slow inside its handler: the delay is counted...
+    opa.set_delay(0.05)
+    handler, waited = await timed({"input": {"ok": True}})
+    assert 50_000_000 <= handler <= waited
+    opa.set_delay(0)
+    # ...but not what came before the request on the same keep-alive connection: the
+    # late segments of a big body, then a pause.
+    await timed({"input": {"ok": True}, "pad": "x" * 900_000})  # under aiohttp's 1 MiB warning
+    await asyncio.sleep(0.2)
+    handler, waited = await timed({"input": {"ok": True}})
+    assert 0 < handler <= waited < 200_000_000
 
 
 async def test_fail_next_and_record(opa: OPADouble, http: aiohttp.ClientSession) -> None:

@@ -5,8 +5,11 @@ PolicyUnavailable, compile errors with OPA's message, and OPA restarts."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from types import MappingProxyType
+from typing import Any
 
 import pytest
 
@@ -50,7 +53,7 @@ async def engine(opa: OPADouble) -> AsyncIterator[OPAEngine]:
         yield engine
 
 
-async def codes(engine: OPAEngine, doc: dict[str, object] | None = None) -> tuple[str, ...]:
+async def codes(engine: OPAEngine, doc: Mapping[str, object] | None = None) -> tuple[str, ...]:
     return (await engine.evaluate(doc or {})).reasons
 
 
@@ -183,6 +186,30 @@ async def test_input_that_is_not_json_is_a_bad_request(engine: OPAEngine) -> Non
     await engine.load({"p.rego": ALLOW_ALL})
     with pytest.raises(BadRequest):
         await engine.evaluate({"x": float("nan")})
+
+
+async def test_the_decision_is_one_post_of_the_input_without_metrics(
+    opa: OPADouble, engine: OPAEngine
+) -> None:
+    await engine.load({"p.rego": tagged("ONE")})
+    document = {"tag": "é", "numbers": [1, 2.5, None, True]}
+    assert await codes(engine, document) == ("ONE: é",)
+    assert await codes(engine, MappingProxyType({"tag": "m"})) == ("ONE: m",)
+    first, _ = opa.data_requests()
+    assert (first.method, first.path, first.query) == ("POST", "/v1/data/identityd/decision", {})
+    assert json.loads(first.body) == {"input": document}
+
+
+async def test_on_metrics_gets_opas_timers_of_each_decision(opa: OPADouble) -> None:
+    seen: list[Mapping[str, Any]] = []
+    async with OPAEngine(opa.url, timeout=1.0, check_interval=60, on_metrics=seen.append) as engine:
+        await engine.load({"p.rego": ALLOW_ALL})
+        assert (await engine.evaluate({})).allow
+        assert (await engine.evaluate({})).allow
+    # opa-python-client spells the flag "True"; OPA reads any case of "true".
+    assert [r.query for r in opa.data_requests()] == [{"metrics": "True"}] * 2
+    assert len(seen) == 2
+    assert seen[1]["timer_server_handler_ns"] >= seen[1]["timer_rego_query_eval_ns"] > 0
 
 
 # --- decisions that cannot be made --------------------------------------------------------
