@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from identityd.keys.csr import build_csr, generate_key
 from identityd.keys.issuer import TokenIssuer
 from identityd.naming import WorkloadIdentity
@@ -137,6 +140,7 @@ class DevCluster:
         *,
         token: str | None = None,
         csr: bool = True,
+        public_key: bool = True,
         key: Any = None,
         san_dns: list[str] | None = None,
         san_ip: list[str] | None = None,
@@ -144,7 +148,9 @@ class DevCluster:
         attributes: dict[str, str] | None = None,
         **fields: Any,
     ) -> dict[str, Any]:
-        """The InstanceConfirmation ZTS would send for an honest agent in ``pod``.
+        """The InstanceConfirmation ZTS would send for an honest agent in ``pod``:
+        the agent's CSR (``csr``) and, as ZTS adds it, attribute ``csrPublicKey``
+        with that key (``public_key``); one key, ``key`` or a fresh P-256 one.
 
         Override any SAN list, attribute or top-level field to forge one."""
         ident = self.identity(pod)
@@ -160,11 +166,13 @@ class DevCluster:
             "hostname": pod.name,
             "certHostname": ident.service_dns,
         }
+        if csr or public_key:
+            key = key or generate_key("EC")
         if csr:
-            attrs["csr"] = build_csr(
-                key or generate_key("EC"), cn=ident.common_name, dns=dns, ips=ips, uris=uris
-            )
+            attrs["csr"] = build_csr(key, cn=ident.common_name, dns=dns, ips=ips, uris=uris)
         attrs.update(attributes or {})
+        if public_key and "csrPublicKey" not in (attributes or {}):
+            attrs["csrPublicKey"] = _public_pem(_csr_key(attrs.get("csr")) or key.public_key())
         body = {
             "provider": self.provider,
             "domain": ident.domain,
@@ -174,3 +182,22 @@ class DevCluster:
         }
         body.update(fields)
         return body
+
+
+def _public_pem(public_key: Any) -> str:
+    return str(
+        public_key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
+    )
+
+
+def _csr_key(pem: object) -> Any:
+    """The key of a CSR given as an attribute (ZTS states the CSR's own key);
+    None when it is not a CSR (a test sending a broken one)."""
+    if not isinstance(pem, str):
+        return None
+    try:
+        return x509.load_pem_x509_csr(pem.encode()).public_key()
+    except ValueError:
+        return None
