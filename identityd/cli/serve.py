@@ -62,16 +62,6 @@ async def serve_sockets(
     stop: asyncio.Event,
 ) -> None:
     """Run one server on already-bound sockets until ``stop`` is set."""
-    async with LoopWatchdog(stall_limit(settings.decision_timeout_seconds)):
-        await _serve(settings, sock, metrics_sock, stop)
-
-
-async def _serve(
-    settings: Settings,
-    sock: socket.socket,
-    metrics_sock: socket.socket | None,
-    stop: asyncio.Event,
-) -> None:
     metrics = Metrics()
     edges = await build_edges(settings, metrics)
     runners: list[web.AppRunner] = []
@@ -109,7 +99,10 @@ def _worker_main(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve_sockets(settings, sock, metrics_sock, stop)
+        # Here, not in serve_sockets: the demo and tests serve in their own process,
+        # which a stalled loop must not end.
+        async with LoopWatchdog(stall_limit(settings.decision_timeout_seconds)):
+            await serve_sockets(settings, sock, metrics_sock, stop)
 
     try:
         asyncio.run(main())
