@@ -171,8 +171,11 @@ class DevCluster:
         if csr:
             attrs["csr"] = build_csr(key, cn=ident.common_name, dns=dns, ips=ips, uris=uris)
         attrs.update(attributes or {})
-        if public_key and "csrPublicKey" not in (attributes or {}):
-            attrs["csrPublicKey"] = _public_pem(_csr_key(attrs.get("csr")) or key.public_key())
+        given = attributes or {}
+        if public_key and "csrPublicKey" not in given:
+            # ZTS states the CSR's own key: a CSR the caller passed may be of another.
+            given_key = _csr_key(given.get("csr")) if "csr" in given else None
+            attrs["csrPublicKey"] = _public_pem(given_key or key.public_key())
         body = {
             "provider": self.provider,
             "domain": ident.domain,

@@ -350,7 +350,3 @@ def parse_public_key(pem: str) -> KeyInfo:
         public_key_sha256=fingerprint,
     )
 
-
-def public_key_pem_sha256(pem: str) -> str:
-    """Fingerprint of a PEM public key (ZTS's ``csrPublicKey``); BadRequest if it is not one."""
-    return parse_public_key(pem).public_key_sha256

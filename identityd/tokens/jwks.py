@@ -40,7 +40,6 @@ from urllib.parse import urlsplit
 import aiohttp
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwt.types import Options
 
 from identityd.errors import ConfigError, InvalidToken, KeysUnavailable
 from identityd.settings import (
@@ -83,20 +82,6 @@ DISCOVERY_PATH = "/.well-known/openid-configuration"
 
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
-# Signature only: time, audience and issuer are checked by validate_claims with
-# an explicit `now`, so pyjwt must not check them against its own clock.
-SIGNATURE_ONLY: Options = {
-    "verify_signature": True,
-    "verify_exp": False,
-    "verify_nbf": False,
-    "verify_iat": False,
-    "verify_aud": False,
-    "verify_iss": False,
-    "verify_sub": False,
-    "verify_jti": False,
-    "require": [],
-}
-
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 SessionFactory = Callable[[], aiohttp.ClientSession]
 # pyjwt's implementations of the allowed algorithms (RSA PKCS#1 v1.5, RSA-PSS,

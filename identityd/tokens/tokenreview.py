@@ -60,7 +60,6 @@ from identityd.tokens.base import TokenClaims
 from identityd.tokens.claims import SUBJECT_PREFIX, TokenReason, validate_claims
 from identityd.tokens.jwks import (
     DISCOVERY_PATH,
-    SIGNATURE_ONLY,
     DiscoveryKeySource,
     KeySource,
     URLKeySource,
@@ -92,7 +91,19 @@ EXTRA_NODE_UID = "authentication.kubernetes.io/node-uid"
 _MAX_DETAIL = 200
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 # The signature is the API server's business; the payload is read, not trusted.
-_UNVERIFIED: Options = {**SIGNATURE_ONLY, "verify_signature": False}
+# Time, audience and issuer are checked by validate_claims with an explicit `now`,
+# so pyjwt must not check them against its own clock.
+_UNVERIFIED: Options = {
+    "verify_signature": False,
+    "verify_exp": False,
+    "verify_nbf": False,
+    "verify_iat": False,
+    "verify_aud": False,
+    "verify_iss": False,
+    "verify_sub": False,
+    "verify_jti": False,
+    "require": [],
+}
 
 
 class ReviewReason(StrEnum):
