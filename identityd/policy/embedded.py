@@ -314,6 +314,10 @@ def _compile(modules: dict[str, str]) -> _Compiled:
     interpreter = regopy.Interpreter()
     # regopy prints compile errors to stdout; they come back in RegoError anyway.
     interpreter.log_level = regopy.LogLevel.NONE
+    # A builtin's error (to_number("x"), ...) fails the decision instead of leaving
+    # its expression undefined, which in a `deny if ...` rule would allow. The OPA
+    # engine asks the same of OPA (strict-builtin-errors).
+    interpreter.strict_built_in_errors = True
     try:
         for module_id, source in modules.items():
             interpreter.add_module(module_id, source)

@@ -3,10 +3,12 @@
 Talks OPA's REST API through opa-python-client's async client (one client, one
 aiohttp connection pool, no retries: a decision has one bounded attempt):
 
-- ``load``: each module is ``PUT /v1/policies/{prefix}{module_id}``; our modules
-  (those under ``prefix``) no longer in the set are deleted. OPA compiles on every
-  PUT, so a set goes in module by module; when OPA rejects one (HTTP 400), the
-  previous set is pushed back and PolicyCompileError carries OPA's message.
+- ``load``: the modules of each package go to OPA as one policy,
+  ``PUT /v1/policies/{prefix}package/{package}`` (identityd.policy.merge: OPA compiles
+  each PUT against what it holds, so modules that use each other's rules cannot go
+  one by one); our policies (those under ``prefix``) no longer in the set are
+  deleted. When OPA rejects a change (HTTP 400), the previous set is pushed back and
+  PolicyCompileError carries OPA's message, located in the module it came from.
   While a set is being pushed, decisions wait (bounded by their timeout) so that
   none is taken on a half-pushed set.
 - ``evaluate``: ``POST /v1/data/identityd/decision`` with ``{"input": ...}``
@@ -51,6 +53,7 @@ from opa_client.errors import DeletePolicyError, RegoParseError
 
 from identityd.errors import BadRequest, PolicyCompileError, PolicyUnavailable
 from identityd.policy.base import DECISION_PATH, Decision, decision_from_document
+from identityd.policy.merge import MergedPackage, merge_by_package
 from identityd.settings import DEFAULT_DECISION_TIMEOUT_SECONDS
 
 __all__ = [
@@ -79,12 +82,36 @@ _MODULE_ID = re.compile(r"^[A-Za-z0-9._~@+=,-]+(?:/[A-Za-z0-9._~@+=,-]+)*$")
 _DECISION_PACKAGE, _DECISION_RULE = DECISION_PATH.rsplit("/", 1)
 
 
+# OPA's codes for a change it refuses (HTTP 400): a module that does not compile
+# (PUT), or a deletion that would leave the others uncompilable (DELETE).
+_REFUSALS = frozenset({"invalid_parameter", "invalid_operation"})
+
+
 @dataclass(frozen=True, slots=True)
 class _Rejection:
-    """OPA refused a change to one module (HTTP 400)."""
+    """OPA refused a change to one of our modules (HTTP 400)."""
 
     module_id: str
     message: str
+
+
+@dataclass(frozen=True, slots=True)
+class _PolicySet:
+    """A policy set and the policies it goes to OPA as (one per package)."""
+
+    modules: dict[str, str]
+    packages: dict[str, MergedPackage]
+
+    @property
+    def pushed(self) -> dict[str, str]:
+        return {policy_id: package.source for policy_id, package in self.packages.items()}
+
+    @classmethod
+    def of(cls, modules: dict[str, str]) -> _PolicySet:
+        return cls(modules, merge_by_package(modules))
+
+
+_EMPTY = _PolicySet({}, {})
 
 
 class OPAEngine:
@@ -110,7 +137,11 @@ class OPAEngine:
             raise ValueError(f"id_prefix: not usable in a policy id: {id_prefix!r}")
         self._prefix = id_prefix
         self._on_metrics = on_metrics
-        self._query_params = {"metrics": True} if on_metrics is not None else None
+        # A builtin's error fails the decision (500) as in the embedded engine, rather
+        # than OPA's default of leaving the expression undefined: fail closed alike.
+        self._query_params: dict[str, bool] = {"strict-builtin-errors": True}
+        if on_metrics is not None:
+            self._query_params["metrics"] = True
 
         self._started = False
         self._stack: AsyncExitStack | None = None
@@ -124,7 +155,7 @@ class OPAEngine:
         self._in_flight = 0
         self._wake = asyncio.Event()  # run the check now
 
-        self._good: dict[str, str] | None = None  # the last set OPA accepted whole
+        self._good: _PolicySet | None = None  # the last set OPA accepted whole
         self._in_sync = False  # OPA was last seen holding exactly the good set
         self._answering = False  # OPA's last answer came back
         self._closed = False
@@ -140,13 +171,13 @@ class OPAEngine:
     @property
     def module_ids(self) -> tuple[str, ...]:
         """Ids of the modules in force (empty before the first load)."""
-        return tuple(self._good or ())
+        return tuple(self._good.modules) if self._good is not None else ()
 
     async def load(self, modules: Mapping[str, str]) -> None:
         """Push ``modules`` as the whole set. PolicyCompileError (OPA's message) if OPA
         rejects one: the previous set is pushed back. PolicyUnavailable if OPA cannot
         be reached: the previous set stays the good one, restored by the check."""
-        target = _validate_modules(modules)
+        target = _PolicySet.of(_validate_modules(modules))
         if self._closed:
             raise PolicyCompileError("the engine is closed")
         await self.start()
@@ -163,7 +194,12 @@ class OPAEngine:
                 raise
             self._good = target
             self._in_sync = self._answering = True
-        log.info("policy set of %d modules pushed to OPA at %s", len(target), self._root)
+        log.info(
+            "policy set of %d modules pushed to OPA at %s as %d policies",
+            len(target.modules),
+            self._root,
+            len(target.packages),
+        )
 
     async def evaluate(self, input_doc: Mapping[str, Any]) -> Decision:
         document = _input_document(input_doc)
@@ -255,15 +291,15 @@ class OPAEngine:
                 log.warning("OPA at %s does not answer: %s", self._root, exc)
                 return False
             self._answering = True
-            if held == good:
+            if held == good.pushed:
                 self._in_sync = True
                 return True
             self._in_sync = False
-            missing = sum(1 for m in good if m not in held)
+            missing = sum(1 for m in good.packages if m not in held)
             log.warning(
                 "OPA lost or changed identityd's policies (%d of %d missing); pushing them again",
                 missing,
-                len(good),
+                len(good.packages),
             )
             self.repushes += 1
             try:
@@ -310,7 +346,7 @@ class OPAEngine:
             held = await self._list_ours()
         except PolicyUnavailable:
             held = None
-        if held != self._good:
+        if self._good is None or held != self._good.pushed:
             self._in_sync = False
             self._wake.set()
             raise PolicyUnavailable(
@@ -320,8 +356,7 @@ class OPAEngine:
 
     async def _roll_back(self) -> None:
         """Push the previous good set (or none) back after OPA refused part of a new one."""
-        previous = self._good or {}
-        rejections = await self._converge(previous)
+        rejections = await self._converge(self._good or _EMPTY)
         if rejections:
             self._in_sync = False
             self._wake.set()
@@ -333,31 +368,37 @@ class OPAEngine:
 
     # --- OPA calls -----------------------------------------------------------
 
-    async def _converge(self, target: Mapping[str, str]) -> list[_Rejection]:
+    async def _converge(self, target: _PolicySet) -> list[_Rejection]:
         """Make OPA hold exactly ``target`` under our prefix; OPA's rejections that
-        remain. OPA compiles the whole set on each change, so an order that passes
-        through an invalid state (a rule moving between modules) is retried in passes."""
+        remain. OPA compiles everything it holds on each change, so a change that only
+        compiles after another (a package using a new package's rule, a package that
+        moved) is retried in passes. Deletions go first: a policy left from an older
+        layout may define the very rules a new one redefines."""
         held = await self._list_ours()
-        pending: dict[str, str | None] = {
-            m: source for m, source in target.items() if held.get(m) != source
-        }
-        pending.update({m: None for m in held if m not in target})  # None: delete
+        wanted = target.pushed
+        puts = {p: source for p, source in wanted.items() if held.get(p) != source}
+        deletes = [p for p in held if p not in wanted]
         rejections: dict[str, _Rejection] = {}
         progress = True
-        while pending and progress:
+        while (puts or deletes) and progress:
             progress = False
-            for module_id, source in list(pending.items()):
-                if source is None:
-                    rejection = await self._delete(module_id)
-                else:
-                    rejection = await self._put(module_id, source)
+            for policy_id in list(deletes):
+                rejection = await self._delete(policy_id)
                 if rejection is None:
-                    del pending[module_id]
-                    rejections.pop(module_id, None)
+                    deletes.remove(policy_id)
+                    rejections.pop(policy_id, None)
                     progress = True
                 else:
-                    rejections[module_id] = rejection
-        return [rejections[m] for m in pending]
+                    rejections[policy_id] = rejection
+            for policy_id, source in list(puts.items()):
+                rejection = await self._put(policy_id, source, target.packages[policy_id])
+                if rejection is None:
+                    del puts[policy_id]
+                    rejections.pop(policy_id, None)
+                    progress = True
+                else:
+                    rejections[policy_id] = rejection
+        return [rejections[p] for p in (*deletes, *puts)]
 
     async def _list_ours(self) -> dict[str, str]:
         """``{module_id: raw}`` of the modules OPA holds under our prefix."""
@@ -380,35 +421,36 @@ class OPAEngine:
                 held[policy_id[len(self._prefix) :]] = raw if isinstance(raw, str) else ""
         return held
 
-    async def _put(self, module_id: str, source: str) -> _Rejection | None:
+    async def _put(
+        self, policy_id: str, source: str, package: MergedPackage
+    ) -> _Rejection | None:
         try:
-            async with _translated(f"PUT policy {module_id}", self._admin_timeout):
+            async with _translated(f"PUT policy {policy_id}", self._admin_timeout):
                 await self._client.update_policy_from_string(
-                    source, self._prefix + module_id, rego_compat=False
+                    source, self._prefix + policy_id, rego_compat=False
                 )
         except RegoParseError as exc:  # any non-200 answer with an OPA error body
-            if exc.expression != "invalid_parameter":
+            if exc.expression not in _REFUSALS:
                 raise PolicyUnavailable(
-                    "POLICY_ENGINE_ERROR", f"PUT policy {module_id}: {exc.expression}"
+                    "POLICY_ENGINE_ERROR", f"PUT policy {policy_id}: {exc.expression}"
                 ) from None
-            return _Rejection(
-                module_id, _describe(exc.message, exc.errors, self._prefix, module_id)
-            )
+            module_id, message = _describe(exc.message, exc.errors, self._prefix, package)
+            return _Rejection(module_id, message)
         return None
 
-    async def _delete(self, module_id: str) -> _Rejection | None:
+    async def _delete(self, policy_id: str) -> _Rejection | None:
         try:
-            async with _translated(f"DELETE policy {module_id}", self._admin_timeout):
-                await self._client.delete_policy(self._prefix + module_id)
+            async with _translated(f"DELETE policy {policy_id}", self._admin_timeout):
+                await self._client.delete_policy(self._prefix + policy_id)
         except DeletePolicyError as exc:
             if exc.expression == "resource_not_found":
                 return None  # already gone: the goal
-            if exc.expression != "invalid_parameter":
+            if exc.expression not in _REFUSALS:
                 raise PolicyUnavailable(
-                    "POLICY_ENGINE_ERROR", f"DELETE policy {module_id}: {exc.expression}"
+                    "POLICY_ENGINE_ERROR", f"DELETE policy {policy_id}: {exc.expression}"
                 ) from None
-            # OPA refuses to delete a module others depend on.
-            return _Rejection(module_id, f"cannot be removed: {exc.message}")
+            # OPA refuses to delete a policy others depend on (invalid_operation).
+            return _Rejection(policy_id, f"cannot be removed: {exc.message}")
         return None
 
     async def _query(self, document: dict[str, Any]) -> dict[str, Any]:
@@ -532,8 +574,12 @@ def _input_document(input_doc: Mapping[str, Any]) -> dict[str, Any]:
     return document
 
 
-def _describe(message: object, errors: object, prefix: str, module_id: str) -> str:
-    """OPA's compile error as one line: ``code: message (file:row:col)``, first error first."""
+def _describe(
+    message: object, errors: object, prefix: str, package: MergedPackage
+) -> tuple[str, str]:
+    """(module, ``code: message (row, col)``) of OPA's first compile error, its row
+    mapped from the merged policy back to the module that wrote it."""
+    module_id = package.parts[0].module_id
     details: list[str] = []
     for error in errors if isinstance(errors, list) else []:
         if not isinstance(error, dict):
@@ -543,10 +589,17 @@ def _describe(message: object, errors: object, prefix: str, module_id: str) -> s
         if isinstance(location, dict):
             file = str(location.get("file", ""))
             file = file[len(prefix) :] if file.startswith(prefix) else file
-            where = f"row {location.get('row')}, col {location.get('col')}"
-            text += f" ({where})" if file in ("", module_id) else f" ({file}: {where})"
+            row, col = location.get("row"), location.get("col")
+            found = package.locate(row) if file == package.policy_id and type(row) is int else None
+            if found is not None:
+                if not details:
+                    module_id = found[0]
+                where = f"row {found[1]}, col {col}"
+                text += f" ({where})" if found[0] == module_id else f" ({found[0]}: {where})"
+            else:
+                text += f" ({file or package.policy_id}: row {row}, col {col})"
         details.append(text)
     if not details:
-        return str(message or "OPA rejected the module")
+        return module_id, str(message or "OPA rejected the module")
     more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
-    return details[0] + more
+    return module_id, details[0] + more

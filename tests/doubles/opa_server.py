@@ -12,14 +12,17 @@ Served, with OPA's status codes and bodies:
 - ``PUT /v1/policies/{id}`` (body = raw Rego): the whole resulting set is compiled; 200 ``{}``,
   or 400 ``{"code": "invalid_parameter", "message": "error(s) occurred while compiling
   module(s)", "errors": [{"code": "rego_parse_error", "message", "location": {"file", "row",
-  "col"}}]}`` with the old set kept. ``DELETE /v1/policies/{id}``: 200 ``{}`` or 404.
+  "col"}}]}`` with the old set kept. ``DELETE /v1/policies/{id}``: 200 ``{}``, 404, or 400
+  ``invalid_operation`` when the rest would no longer compile. An empty module: 400
+  ``invalid_parameter`` "empty module".
 - ``POST /v1/data[/{path}]`` with ``{"input": ...}`` (and ``GET``, without input): 200
   ``{"result": ...}``, or ``{}`` when the document is undefined (no ``result`` key, as OPA);
   an evaluation error is 500 ``internal_error``; a body that is not a JSON object is 400.
 - ``GET /health`` → 200 ``{}``.
-- Query parameters: ``pretty=true`` indents; ``metrics=true`` adds OPA's performance
-  metrics (``metrics`` beside ``result``, in an answer of 200 only, as OPA) with OPA's names
-  and meanings, in integer nanoseconds:
+- Query parameters: ``strict-builtin-errors=true`` makes a builtin's error fail the query
+  (500) rather than leave its expression undefined; ``pretty=true`` indents;
+  ``metrics=true`` adds OPA's performance metrics (``metrics`` beside ``result``, in an
+  answer of 200 only, as OPA) with OPA's names and meanings, in integer nanoseconds:
 
   - ``timer_server_handler_ns``: the whole handling, from the request's first bytes
     being read off the socket (so aiohttp's parsing counts) to the answer being ready,
@@ -47,8 +50,10 @@ Test controls: :meth:`OPADouble.set_delay`, :meth:`~OPADouble.fail_next`,
 between); every request is recorded in :attr:`OPADouble.requests`.
 
 Where the double is weaker than OPA: it compiles with regopy, which accepts some Rego that
-OPA rejects (unsafe variables, unknown functions, conflicting rules, missing ``if``); only
-parse errors are found. It refuses ``with`` (regopy can crash on it; OPA accepts it). The
+OPA rejects (unsafe variables, conflicting rules, missing ``if``); only parse errors are
+found, and, as OPA's type check does, a call to a function no module of the package defines
+(so a module that calls a function of a module not yet pushed is refused, as by OPA). It
+refuses ``with`` (regopy can crash on it; OPA accepts it). The
 ``ast`` of a policy holds only its package path. A real OPA is the authority
 (``shared/REGO_PORTABILITY.md``): :func:`real_opa` starts one when an ``opa`` binary is on
 PATH, or uses ``OPA_URL``, and the equivalence suite runs against it too.
@@ -87,6 +92,7 @@ JSON = dict[str, Any]
 # OPA's error codes and messages (server/types/types.go).
 CODE_INTERNAL = "internal_error"
 CODE_INVALID_PARAMETER = "invalid_parameter"
+CODE_INVALID_OPERATION = "invalid_operation"
 CODE_NOT_FOUND = "resource_not_found"
 MSG_COMPILE_MODULE = "error(s) occurred while compiling module(s)"
 MSG_EVALUATION = "error(s) occurred while evaluating query"
@@ -97,6 +103,12 @@ _REGO_ERROR = re.compile(
     r"\(error \d+:(?P<file>[^|\s]*)\|(?P<pos>\d+)\|\d+\s*\(errormsg \d+:(?P<msg>[^)\n]*)\)"
 )
 _PACKAGE = re.compile(r"^\s*package\s+([A-Za-z_][\w.]*)", re.MULTILINE)
+# For the undefined-function check: comments and string literals blanked out first.
+_COMMENT_OR_STRING = re.compile(r'#[^\n]*|"(?:[^"\\\n]|\\.)*"|`[^`]*`')
+_CALL = re.compile(r"(?<![\w.])([A-Za-z_]\w*)\(")
+_HEAD = re.compile(r"^(?:default\s+)?([A-Za-z_]\w*)\(", re.MULTILINE)
+_KEYWORDS = frozenset({"if", "not", "some", "every", "in", "contains", "else", "default", "with",
+                       "as", "package", "import", "true", "false", "null"})
 # Where the middleware leaves the time the request's first bytes were read.
 _RECEIVED = web.RequestKey("double.received_ns", int)
 
@@ -118,6 +130,7 @@ class _Failure:
     status: int
     method: str | None
     path: str | None
+    code: str | None = None
 
 
 @dataclass
@@ -218,11 +231,12 @@ class OPADouble:
 
     def fail_next(
         self, count: int = 1, status: int = 500, *, method: str | None = None,
-        path: str | None = None,
+        path: str | None = None, code: str | None = None,
     ) -> None:
         """Answer the next ``count`` requests (matching ``method`` and starting with ``path``,
-        when given) with ``status`` and an OPA error body."""
-        self._failures.append(_Failure(count, status, method, path))
+        when given) with ``status`` and an OPA error body (its ``code``: by default OPA's
+        for the status, internal_error or invalid_parameter)."""
+        self._failures.append(_Failure(count, status, method, path, code))
 
     async def refuse(self) -> None:
         """Down: open connections are cut and new ones refused until :meth:`accept`."""
@@ -272,9 +286,11 @@ class OPADouble:
             await asyncio.sleep(self._delay)
         failure = self._take_failure(request)
         if failure is not None:
+            code = failure.code or (
+                CODE_INTERNAL if failure.status >= 500 else CODE_INVALID_PARAMETER)
             response: web.StreamResponse = _json(
-                error_body(CODE_INTERNAL if failure >= 500 else CODE_INVALID_PARAMETER,
-                           f"injected failure {failure} (test double)"), failure)
+                error_body(code, f"injected failure {failure.status} (test double)"),
+                failure.status)
         else:
             try:
                 response = await handler(request)
@@ -289,7 +305,7 @@ class OPADouble:
         ))
         return response
 
-    def _take_failure(self, request: web.Request) -> int | None:
+    def _take_failure(self, request: web.Request) -> _Failure | None:
         for failure in self._failures:
             if failure.method is not None and failure.method != request.method:
                 continue
@@ -298,7 +314,7 @@ class OPADouble:
             failure.remaining -= 1
             if failure.remaining <= 0:
                 self._failures.remove(failure)
-            return failure.status
+            return failure
         return None
 
     # -- handlers -----------------------------------------------------------------------------
@@ -323,6 +339,8 @@ class OPADouble:
             raw = (await request.read()).decode("utf-8")
         except UnicodeDecodeError:
             return _json(error_body(CODE_INVALID_PARAMETER, "policy is not UTF-8"), 400)
+        if not _COMMENT_OR_STRING.sub("", raw).strip():
+            return _json(error_body(CODE_INVALID_PARAMETER, "empty module"), 400, request)
         started = time.perf_counter_ns()
         try:
             self.put_policy(policy_id, raw)
@@ -341,8 +359,8 @@ class OPADouble:
         remaining = {k: v for k, v in self._policies.items() if k != policy_id}
         try:
             self._compiled = compile_set(remaining)
-        except RegoRejected as exc:
-            return _json(error_body(CODE_INVALID_PARAMETER, MSG_COMPILE_MODULE, exc.errors), 400,
+        except RegoRejected as exc:  # what is left would not compile: OPA's code for it
+            return _json(error_body(CODE_INVALID_OPERATION, MSG_COMPILE_MODULE, exc.errors), 400,
                          request)
         self._policies = remaining
         return _json({}, 200, request)
@@ -370,7 +388,8 @@ class OPADouble:
         elif "input" in request.query:
             input_text = request.query["input"]
         try:
-            found, value = self._evaluate(path, input_text, timers)
+            strict = _flag(request, "strict-builtin-errors")
+            found, value = self._evaluate(path, input_text, timers, strict=strict)
         except RegoRejected as exc:
             return _json(error_body(CODE_INTERNAL, MSG_EVALUATION, exc.errors), 500, request)
         body: JSON = {"result": value} if found else {}
@@ -395,9 +414,12 @@ class OPADouble:
     # -- evaluation ---------------------------------------------------------------------------
 
     def _evaluate(
-        self, path: list[str], input_text: str | None, timers: _Timers
+        self, path: list[str], input_text: str | None, timers: _Timers, *, strict: bool = False
     ) -> tuple[bool, object]:
         compiled = self._compiled
+        # OPA's default leaves a builtin's failing expression undefined; with
+        # strict-builtin-errors the query fails (500). regopy does either.
+        compiled.interpreter.strict_built_in_errors = strict
         if input_text is None and compiled.input_set:
             # Evaluate with input undefined, as OPA does: a fresh interpreter has none.
             compiled = self._compiled = compile_set(self._policies)
@@ -426,7 +448,9 @@ class OPADouble:
             raise RegoRejected([{"code": "eval_internal_error",
                                  "message": type(exc).__name__}]) from None
         if not ok or raw == "<error>":
-            raise RegoRejected([{"code": "eval_conflict_error", "message": raw}])
+            # regopy does not say which: a conflict, or a builtin's error when strict.
+            code = "eval_builtin_error" if strict else "eval_conflict_error"
+            raise RegoRejected([{"code": code, "message": raw}])
         found, value = _binding(raw)
         timers.query_eval_ns = time.perf_counter_ns() - started
         return found, value
@@ -560,7 +584,44 @@ def compile_set(modules: Mapping[str, str]) -> _Compiled:
         interpreter.build(f"{_BINDING} = data")
     except regopy.RegoError as exc:
         raise RegoRejected(_rego_errors(str(exc), modules, "rego_compile_error")) from None
+    undefined = _undefined_functions(modules, interpreter.is_builtin)
+    if undefined:
+        raise RegoRejected(undefined)
     return _Compiled(interpreter)
+
+
+def _undefined_functions(
+    modules: Mapping[str, str], is_builtin: Callable[[str], bool]
+) -> list[JSON]:
+    """OPA's type check refuses a call to a function that no module of the package
+    defines (so a module that calls another module's function cannot go in first);
+    regopy accepts it. Plain calls only (not ``data.x.f(..)`` or an import's
+    ``alias.f(..)``), and a head is a name at the start of a line."""
+    defined: dict[str, set[str]] = {}
+    texts: dict[str, tuple[str, str]] = {}
+    for policy_id, raw in modules.items():
+        declared = _PACKAGE.search(raw)
+        if declared is None:
+            continue
+        text = _COMMENT_OR_STRING.sub(lambda m: " " * len(m.group(0)), raw)
+        texts[policy_id] = (declared.group(1), text)
+        defined.setdefault(declared.group(1), set()).update(_HEAD.findall(text))
+    errors: list[JSON] = []
+    for policy_id, (package, text) in texts.items():
+        for call in _CALL.finditer(text):
+            name, start = call.group(1), call.start(1)
+            line_start = text.rfind("\n", 0, start) + 1
+            if start == line_start or name in _KEYWORDS or name in defined[package]:
+                continue
+            if is_builtin(name):
+                continue
+            errors.append({
+                "code": "rego_type_error",
+                "message": f"undefined function data.{package}.{name}",
+                "location": {"file": policy_id, "row": text.count("\n", 0, start) + 1,
+                             "col": start - line_start + 1},
+            })
+    return errors
 
 
 def _rego_errors(text: str, modules: Mapping[str, str], code: str) -> list[JSON]:

@@ -196,6 +196,27 @@ decision := {"allow": false, "reasons": ["SAFE: s"]} if not input.boom
     assert await _codes(engine, {}) == ("SAFE",)
 
 
+async def test_a_builtins_error_fails_the_decision_rather_than_allowing(
+    engine: EmbeddedEngine,
+) -> None:
+    # Undefined on the error (regopy's and OPA's default) would skip the deny: allow.
+    await engine.load(
+        {
+            "p.rego": HEADER
+            + """
+n := to_number(input.x)
+
+decision := {"allow": false, "reasons": ["DENY: number"], "attributes": {}} if n
+else := {"allow": true, "reasons": [], "attributes": {"certUsage": "client"}}
+"""
+        }
+    )
+    assert await _codes(engine, {"x": "1"}) == ("DENY",)
+    with pytest.raises(PolicyUnavailable) as info:
+        await engine.evaluate({"x": "not a number"})
+    assert info.value.code == "POLICY_ENGINE_ERROR"
+
+
 async def test_error_text_as_data_is_not_an_engine_error(engine: EmbeddedEngine) -> None:
     await engine.load({"p.rego": TAGGED})
     decision = await engine.evaluate({"tag": "<error>"})

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from identityd.errors import BadRequest, PolicyCompileError, PolicyUnavailable
+from identityd.policy.merge import merge_by_package
 from identityd.policy.opa import OPAEngine
 from tests.doubles.opa_server import OPADouble
 
@@ -38,6 +40,18 @@ USES_HELPER = HEADER + (
 )
 BROKEN = HEADER + 'decision := {\n  "allow": true,\n'
 NO_DECISION = HEADER + "other := 1\n"
+# Two modules that each call the other's function: OPA refuses either one alone.
+CALLS_B = HEADER + (
+    'a_part(x) := concat("", ["a:", x])\n\n'
+    'decision := {"allow": false, "reasons": [b_part("z")], "attributes": {}}\n'
+)
+CALLS_A = HEADER + 'b_part(x) := a_part(concat("", ["b:", x]))\n'
+OURS = "identityd/package/identityd"  # the one policy of package identityd
+
+
+def as_pushed(modules: Mapping[str, str], prefix: str = "identityd/") -> dict[str, str]:
+    """What OPA holds for ``modules``: one merged policy per package."""
+    return {prefix + p: merged.source for p, merged in merge_by_package(modules).items()}
 
 
 @pytest.fixture
@@ -85,11 +99,40 @@ async def test_load_pushes_under_the_prefix_and_decides(
     await engine.load({"p.rego": tagged("ONE")})
     assert engine.ready
     assert engine.module_ids == ("p.rego",)
-    assert opa.policies == {"identityd/p.rego": tagged("ONE")}
+    assert list(opa.policies) == [OURS]
+    # The module's own lines, rows unchanged, its header commented out under one header.
+    held = opa.policies[OURS].split("\n")
+    own = tagged("ONE").split("\n")
+    assert held[0] == "package identityd"
+    assert "import rego.v1" in held[1:3]
+    start = held.index("# --- module p.rego") + 1
+    assert held[start:start + len(own)] == [
+        f"# {line}" if line.startswith(("package ", "import ")) else line for line in own
+    ]
     assert await codes(engine, {"tag": "x"}) == ("ONE: x",)
     [put] = [r for r in opa.requests if r.method == "PUT"]
-    assert put.path == "/v1/policies/identityd/p.rego"
-    assert put.body == tagged("ONE").encode()
+    assert put.path == "/v1/policies/" + OURS
+    assert put.body == opa.policies[OURS].encode()
+
+
+async def test_modules_that_use_each_other_go_in_as_one_policy(
+    opa: OPADouble, engine: OPAEngine
+) -> None:
+    # OPA compiles each PUT against what it holds: neither module goes in alone.
+    for module in (CALLS_B, CALLS_A):
+        with pytest.raises(Exception, match="400"):
+            await asyncio.to_thread(_put_raw, opa.url, "probe/alone", module)
+    await engine.load({"a.rego": CALLS_B, "b.rego": CALLS_A})
+    assert list(opa.policies) == [OURS]
+    assert await codes(engine) == ("a:b:z",)
+
+
+def _put_raw(url: str, policy_id: str, source: str) -> None:
+    request = urllib.request.Request(
+        f"{url}/v1/policies/{policy_id}", data=source.encode(), method="PUT"
+    )
+    with urllib.request.urlopen(request, timeout=5):
+        pass
 
 
 async def test_allow_decision_carries_attributes(engine: OPAEngine) -> None:
@@ -106,7 +149,7 @@ async def test_new_set_replaces_old_and_removes_only_our_stale_modules(
     await engine.load({"a.rego": HELPER, "b.rego": USES_HELPER})
     assert await codes(engine) == ("HELPER: from-helper",)
     await engine.load({"c.rego": tagged("C")})
-    assert opa.policies == {"identityd/c.rego": tagged("C"),
+    assert opa.policies == {**as_pushed({"c.rego": tagged("C")}),
                             "other-tool/x.rego": "package other\n\nimport rego.v1\n\nx := 1\n"}
     assert await codes(engine, {"tag": "t"}) == ("C: t",)
 
@@ -135,6 +178,33 @@ async def test_compile_error_carries_opas_message_and_old_set_stays(
     assert await codes(engine) == ("HELPER: from-helper",)
 
 
+async def test_a_compile_error_names_the_module_and_row_it_came_from(engine: OPAEngine) -> None:
+    # Rows of the merged policy map back: the call is on b.rego's row 7.
+    second = HEADER + "y := 2\n\nz := nope(1)\n"
+    with pytest.raises(PolicyCompileError) as info:
+        await engine.load({"a.rego": HELPER, "b.rego": second})
+    assert info.value.module == "b.rego"
+    assert "undefined function data.identityd.nope (row 7, col 6)" in info.value.detail
+
+
+async def test_a_deletion_opa_refuses_is_a_rejection_and_the_set_stays(
+    opa: OPADouble, engine: OPAEngine
+) -> None:
+    extra = HELPER.replace("package identityd", "package identityd.extra")
+    await engine.load({"x.rego": extra, "p.rego": tagged("ONE")})
+    before = opa.policies
+    # OPA refuses to delete a policy the rest depends on: 400 invalid_operation.
+    opa.fail_next(status=400, code="invalid_operation", method="DELETE")
+    with pytest.raises(PolicyCompileError) as info:
+        await engine.load({"p.rego": tagged("ONE")})
+    assert info.value.module == "package/identityd.extra"
+    assert "cannot be removed" in info.value.detail
+    assert opa.policies == before
+    assert engine.ready
+    assert engine.module_ids == ("x.rego", "p.rego")
+    assert await codes(engine, {"tag": "t"}) == ("ONE: t",)
+
+
 async def test_first_set_rejected_leaves_nothing_of_ours(opa: OPADouble, engine: OPAEngine) -> None:
     with pytest.raises(PolicyCompileError):
         await engine.load({"a.rego": HELPER, "b.rego": BROKEN})
@@ -144,11 +214,11 @@ async def test_first_set_rejected_leaves_nothing_of_ours(opa: OPADouble, engine:
 
 
 async def test_a_rule_moving_between_modules_converges(opa: OPADouble, engine: OPAEngine) -> None:
-    # Putting b.rego first would define `label` twice only in a real OPA; in either
-    # engine the set must end as asked.
+    # One module at a time, putting c.rego first would define `label` twice in a real
+    # OPA; as one policy per package the move is a single change.
     await engine.load({"a.rego": HELPER, "b.rego": USES_HELPER})
     await engine.load({"b.rego": USES_HELPER, "c.rego": HELPER.replace("from-helper", "moved")})
-    assert sorted(opa.policies) == ["identityd/b.rego", "identityd/c.rego"]
+    assert list(opa.policies) == [OURS]
     assert await codes(engine) == ("HELPER: moved",)
 
 
@@ -196,7 +266,9 @@ async def test_the_decision_is_one_post_of_the_input_without_metrics(
     assert await codes(engine, document) == ("ONE: é",)
     assert await codes(engine, MappingProxyType({"tag": "m"})) == ("ONE: m",)
     first, _ = opa.data_requests()
-    assert (first.method, first.path, first.query) == ("POST", "/v1/data/identityd/decision", {})
+    # A builtin's error must fail the decision, as in the embedded engine.
+    assert (first.method, first.path) == ("POST", "/v1/data/identityd/decision")
+    assert first.query == {"strict-builtin-errors": "True"}
     assert json.loads(first.body) == {"input": document}
 
 
@@ -207,12 +279,29 @@ async def test_on_metrics_gets_opas_timers_of_each_decision(opa: OPADouble) -> N
         assert (await engine.evaluate({})).allow
         assert (await engine.evaluate({})).allow
     # opa-python-client spells the flag "True"; OPA reads any case of "true".
-    assert [r.query for r in opa.data_requests()] == [{"metrics": "True"}] * 2
+    assert [r.query for r in opa.data_requests()] == [
+        {"strict-builtin-errors": "True", "metrics": "True"}
+    ] * 2
     assert len(seen) == 2
     assert seen[1]["timer_server_handler_ns"] >= seen[1]["timer_rego_query_eval_ns"] > 0
 
 
 # --- decisions that cannot be made --------------------------------------------------------
+
+
+async def test_a_builtins_error_fails_the_decision_rather_than_allowing(
+    engine: OPAEngine,
+) -> None:
+    # OPA's default would leave `n` undefined and skip the deny; the engine asks it not to.
+    await engine.load(
+        {
+            "p.rego": HEADER + "n := to_number(input.x)\n\n"
+            'decision := {"allow": false, "reasons": ["DENY"], "attributes": {}} if n\n'
+            'else := {"allow": true, "reasons": [], "attributes": {"certUsage": "client"}}\n'
+        }
+    )
+    assert await codes(engine, {"x": "1"}) == ("DENY",)
+    assert await unavailable(engine, {"x": "not a number"}) == "POLICY_ENGINE_ERROR"
 
 
 async def test_timeout_is_policy_timeout_and_bounded(opa: OPADouble, engine: OPAEngine) -> None:
@@ -269,9 +358,12 @@ async def test_load_when_opa_is_down_keeps_the_good_set(opa: OPADouble, engine: 
 
 
 async def test_a_decision_never_sees_a_half_pushed_set(opa: OPADouble, engine: OPAEngine) -> None:
+    # Two packages, so two policies and two PUTs.
     def pair(version: str) -> dict[str, str]:
-        return {"a.rego": HELPER.replace("from-helper", f"A{version}"),
-                "b.rego": USES_HELPER.replace('"HELPER: "', f'"B{version} "')}
+        return {"a.rego": HELPER.replace("from-helper", f"A{version}").replace(
+                    "package identityd", "package identityd.lib"),
+                "b.rego": HEADER + "import data.identityd.lib.label\n\n"
+                + USES_HELPER[len(HEADER):].replace('"HELPER: "', f'"B{version} "')}
 
     await engine.load(pair("1"))
     assert await codes(engine) == ("B1 A1",)
@@ -296,7 +388,7 @@ async def test_restart_detected_by_check_and_set_pushed_again(
     assert engine.repushes == 0
     assert await engine.check()
     assert engine.repushes == 1
-    assert opa.policies == {"identityd/p.rego": tagged("ONE")}
+    assert opa.policies == as_pushed({"p.rego": tagged("ONE")})
     assert engine.ready
     assert await codes(engine, {"tag": "t"}) == ("ONE: t",)
 
@@ -314,9 +406,9 @@ async def test_undefined_after_restart_is_not_loaded_and_triggers_a_push(opa: OP
 
 async def test_changed_module_in_opa_is_restored(opa: OPADouble, engine: OPAEngine) -> None:
     await engine.load({"p.rego": tagged("OURS")})
-    opa.put_policy("identityd/p.rego", ALLOW_ALL)  # someone else's write under our id
+    opa.put_policy(OURS, ALLOW_ALL)  # someone else's write under our id
     assert await engine.check()
-    assert opa.policies == {"identityd/p.rego": tagged("OURS")}
+    assert opa.policies == as_pushed({"p.rego": tagged("OURS")})
     assert not (await engine.evaluate({})).allow
 
 
@@ -363,4 +455,4 @@ async def test_closed_engine_refuses(opa: OPADouble) -> None:
     assert await unavailable(engine) == "POLICY_NOT_LOADED"
     with pytest.raises(PolicyCompileError):
         await engine.load({"p.rego": ALLOW_ALL})
-    assert opa.policies == {"identityd/p.rego": ALLOW_ALL}  # left for the next identityd
+    assert opa.policies == as_pushed({"p.rego": ALLOW_ALL})  # left for the next identityd
