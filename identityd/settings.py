@@ -55,6 +55,12 @@ DEFAULT_MAX_QUEUED = 1024
 # Longest wait for a slot: equal to the decision timeout, far inside the CA's 30 s.
 DEFAULT_QUEUE_TIMEOUT_SECONDS = 2.0
 LIMITED_PATHS = ("/instance", "/refresh")
+# Open connections per worker; beyond it new ones are closed at once (a CA keeps a
+# pool of tens). Also kept below the open-file limit (identityd/cli/connections.py).
+DEFAULT_MAX_CONNECTIONS = 1024
+# A connection must complete a request head within this long of opening or of its
+# previous answer, else it is closed (idle keep-alive, or a head sent a byte at a time).
+DEFAULT_IDLE_TIMEOUT_SECONDS = 30.0
 
 # Certificates.
 DEFAULT_CERT_EXPIRY_MINUTES = 60 * 24
@@ -120,21 +126,22 @@ class LimitSettings:
     max_queued: int = DEFAULT_MAX_QUEUED
     queue_timeout_seconds: float = DEFAULT_QUEUE_TIMEOUT_SECONDS
     paths: tuple[str, ...] = LIMITED_PATHS
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    idle_timeout_seconds: float = DEFAULT_IDLE_TIMEOUT_SECONDS
 
     def __post_init__(self) -> None:
         if self.rate_per_second < 0:
             raise ValueError(f"rate_per_second: must not be negative, got {self.rate_per_second}")
         if self.rate_per_second > 0 and self.burst < 1:
             raise ValueError(f"burst: must be at least 1, got {self.burst}")
-        for name in ("max_clients", "max_in_flight"):
+        for name in ("max_clients", "max_in_flight", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if self.max_queued < 0:
             raise ValueError(f"max_queued: must not be negative, got {self.max_queued}")
-        if self.queue_timeout_seconds <= 0:
-            raise ValueError(
-                f"queue_timeout_seconds: must be positive, got {self.queue_timeout_seconds}"
-            )
+        for name in ("queue_timeout_seconds", "idle_timeout_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

@@ -221,6 +221,19 @@ OPTIONS: tuple[Option, ...] = (
         "longest wait for a decision slot, seconds (then 503 OVERLOADED)",
         float,
     ),
+    Option(
+        "--max-connections",
+        "limits.max_connections",
+        "open connections per worker; beyond it new ones are closed at once",
+        int,
+    ),
+    Option(
+        "--idle-timeout",
+        "limits.idle_timeout_seconds",
+        "close a connection with no complete request head this long after it opened "
+        "or after its last answer, seconds",
+        float,
+    ),
     Option("--tls-cert", "tls.cert", "server certificate chain (PEM)"),
     Option("--tls-key", "tls.key", "server private key (PEM)"),
     Option("--client-ca", "tls.client_ca", "CA bundle for client certificates (requires one)"),

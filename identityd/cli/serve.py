@@ -30,6 +30,13 @@ from multiprocessing.process import BaseProcess
 from aiohttp import web
 
 from identityd.app import build_edges, create_app, server_ssl_context
+from identityd.cli.connections import (
+    CappedSockSite,
+    ThrottledLoopErrors,
+    connection_cap,
+    raise_open_file_limit,
+    runner_options,
+)
 from identityd.cli.watchdog import LoopWatchdog, stall_limit
 from identityd.errors import IdentitydError
 from identityd.metrics import Metrics, enable_multiprocess
@@ -65,15 +72,32 @@ async def serve_sockets(
     metrics = Metrics()
     edges = await build_edges(settings, metrics)
     runners: list[web.AppRunner] = []
+    asyncio.get_running_loop().set_exception_handler(ThrottledLoopErrors())
+    limits = settings.limits
     try:
         app = create_app(settings, edges, metrics=metrics)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            **runner_options(limits.idle_timeout_seconds),
+        )
         await runner.setup()
         runners.append(runner)
-        await web.SockSite(runner, sock, ssl_context=server_ssl_context(settings)).start()
+        await CappedSockSite(
+            runner,
+            sock,
+            limit=connection_cap(limits.max_connections),
+            ssl_context=server_ssl_context(settings),
+        ).start()
         if metrics_sock is not None:
             probes = create_app(settings, edges, metrics=metrics, callback=False)
-            probe_runner = web.AppRunner(probes, access_log=None, handle_signals=False)
+            probe_runner = web.AppRunner(
+                probes,
+                access_log=None,
+                handle_signals=False,
+                **runner_options(limits.idle_timeout_seconds),
+            )
             await probe_runner.setup()
             runners.append(probe_runner)
             await web.SockSite(probe_runner, metrics_sock).start()
@@ -211,6 +235,8 @@ async def _preflight(settings: Settings) -> None:
 def serve(settings: Settings) -> int:
     configure_logging(settings.log_level)
     asyncio.run(_preflight(settings))
+    # Before the workers fork: they inherit it, and each caps its connections below it.
+    raise_open_file_limit()
     sock = bind(settings.listen)
     metrics_sock = bind(settings.metrics_listen) if settings.metrics_listen else None
     if settings.workers == 1:
