@@ -41,7 +41,7 @@ from identityd.policy.reload import DirectorySource, PolicyReloader, ReloadOutco
 from identityd.settings import DEFAULT_POLICY_RELOAD_SECONDS, Settings
 from identityd.tokens.base import TokenVerifier
 from identityd.tokens.jwks import JWKSVerifier
-from identityd.tokens.tokenreview import TokenReviewMetrics, TokenReviewVerifier, cluster_key_source
+from identityd.tokens.tokenreview import TokenReviewMetrics, TokenReviewVerifier, jwks_key_source
 
 # How long start-up waits for the first ConfigMap list before serving (not ready).
 CONFIGMAP_SYNC_WAIT_SECONDS = 10.0
@@ -176,7 +176,8 @@ def kube_connection(settings: Settings) -> KubeConnection:
 
 
 async def build_verifier(settings: Settings, metrics: Metrics | None) -> TokenVerifier:
-    """TokenReview; or JWKS from --jwks; or, in a cluster, JWKS from the API server."""
+    """TokenReview; or JWKS from --jwks; or JWKS from the API server (no --jwks, or a
+    --jwks URL of the in-cluster API server), fetched with the cluster CA and token."""
     tokens = settings.tokens
     if tokens.mode == "tokenreview":
         return await TokenReviewVerifier.connect(
@@ -186,14 +187,7 @@ async def build_verifier(settings: Settings, metrics: Metrics | None) -> TokenVe
             cache_seconds=tokens.review_cache_seconds,
             metrics=TokenReviewMetrics(metrics.registry) if metrics is not None else None,
         )
-    if tokens.jwks:
-        return JWKSVerifier(tokens)
-    source = await cluster_key_source(
-        kube_connection(settings),
-        discovery=tokens.jwks_discovery,
-        issuer=tokens.issuer,
-        fetch_timeout=tokens.fetch_timeout_seconds,
-    )
+    source = await jwks_key_source(tokens, kube_connection(settings))
     return JWKSVerifier(tokens, source=source)
 
 

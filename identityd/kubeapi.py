@@ -11,9 +11,12 @@ Lease of leader election (``coordination.k8s.io/v1``).
 
 Every failure leaves this module as :class:`KubeAPIError` (an ``Unavailable``)
 with the HTTP status when there was one: no aiohttp or kubernetes_asyncio type
-escapes. A watch ``ERROR`` event becomes a KubeAPIError with the Status's code,
-so ``410 Gone``/``Expired`` looks the same whether it came as a response or as
-an event (:attr:`KubeAPIError.expired`).
+escapes, including the ones outside ``aiohttp.ClientError``: a watch line over the
+client's line limit (``aiohttp.http_exceptions.LineTooLong``) and a failing
+credential refresh (``ConfigException`` from the client's refresh hook, e.g. an
+empty projected token file). A watch ``ERROR`` event becomes a KubeAPIError with
+the Status's code, so ``410 Gone``/``Expired`` looks the same whether it came as a
+response or as an event (:attr:`KubeAPIError.expired`).
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ import asyncio
 import contextlib
 import gc
 import json
+import logging
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
 import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -37,8 +42,23 @@ from identityd.errors import ConfigError, Unavailable
 JSONObject = dict[str, Any]
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 # At most this many characters of a Status message go into an error detail.
 _MAX_DETAIL = 200
+# A paged list whose continue token expired starts over from its first page at most
+# this many times before the caller sees KUBE_CONTINUE_EXPIRED (and backs off).
+MAX_LIST_RESTARTS = 2
+# What a request, a read or a refresh of the client's credentials can raise; each is
+# translated into a KubeAPIError by _transport_error.
+_FOREIGN_ERRORS = (
+    aiohttp.ClientError,
+    HttpProcessingError,
+    TimeoutError,
+    OSError,
+    ApiException,
+    ConfigException,
+)
 
 
 @contextlib.contextmanager
@@ -138,7 +158,7 @@ class _Client:
         """The body of a success; any other status raises KubeAPIError with its Status."""
         try:
             raw: bytes = await response.read()
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except _FOREIGN_ERRORS as exc:
             raise _transport_error(what, exc) from exc
         finally:
             response.release()
@@ -182,8 +202,11 @@ class _Collection(_Client):
         """Every object of a list (in pages of ``limit``; 0 = one response) passed through
         ``convert`` (None drops it), and the list's resourceVersion.
 
-        A continue token the server no longer honours raises KubeAPIError with code
-        ``KUBE_CONTINUE_EXPIRED`` (status 410): list again, unpaged.
+        A continue token the server no longer honours (410: it compacted past the
+        list's resourceVersion) starts the list over from its first page, still in
+        pages of ``limit`` (an unpaged list of every pod could exhaust the memory of
+        both ends), at most :data:`MAX_LIST_RESTARTS` times; then KubeAPIError with
+        code ``KUBE_CONTINUE_EXPIRED`` (status 410).
 
         Each page is parsed and converted with the cyclic GC paused, and is gone
         before it resumes: a collector running while a page is alive scans its
@@ -198,6 +221,26 @@ class _Collection(_Client):
             params["label_selector"] = label_selector
         if field_selector:
             params["field_selector"] = field_selector
+        restarts = 0
+        while True:
+            try:
+                return await self._list_pages(namespace, convert, params)
+            except KubeAPIError as exc:
+                if exc.code != "KUBE_CONTINUE_EXPIRED" or restarts >= MAX_LIST_RESTARTS:
+                    raise
+                restarts += 1
+                log.info(
+                    "list %s: continue token expired; listing again from the first page",
+                    self._plural,
+                )
+
+    async def _list_pages(
+        self,
+        namespace: str | None,
+        convert: Callable[[JSONObject], T | None],
+        params: dict[str, Any],
+    ) -> tuple[list[T], str]:
+        """One paged list from its first page (see :meth:`list_all`)."""
         what = f"list {self._plural}"
         converted: list[T] = []
         list_rv: str | None = None
@@ -297,7 +340,7 @@ class _Collection(_Client):
                 _preload_content=False,
                 _request_timeout=aiohttp.ClientTimeout(total=request_timeout),
             )
-        except (aiohttp.ClientError, TimeoutError, OSError, ApiException) as exc:
+        except _FOREIGN_ERRORS as exc:
             raise _transport_error(what, exc) from exc
         if response.status == 404:
             response.release()
@@ -324,7 +367,7 @@ class PodsAPI(_Collection):
                     _preload_content=False, **params
                 )
             return await self._core.list_namespaced_pod(namespace, _preload_content=False, **params)
-        except (aiohttp.ClientError, TimeoutError, OSError, ApiException) as exc:
+        except _FOREIGN_ERRORS as exc:
             raise _transport_error("pods", exc) from exc
 
 
@@ -360,7 +403,7 @@ class ConfigMapsAPI(_Collection):
                 _preload_content=False,
                 _request_timeout=aiohttp.ClientTimeout(total=request_timeout),
             )
-        except (aiohttp.ClientError, TimeoutError, OSError, ApiException) as exc:
+        except _FOREIGN_ERRORS as exc:
             raise _transport_error("patch configmap", exc) from exc
         return await self._json(response, "patch configmap")
 
@@ -373,7 +416,7 @@ class ConfigMapsAPI(_Collection):
             return await self._core.list_namespaced_config_map(
                 namespace, _preload_content=False, **params
             )
-        except (aiohttp.ClientError, TimeoutError, OSError, ApiException) as exc:
+        except _FOREIGN_ERRORS as exc:
             raise _transport_error("configmaps", exc) from exc
 
 
@@ -396,7 +439,7 @@ class LeasesAPI(_Client):
                 _preload_content=False,
                 _request_timeout=aiohttp.ClientTimeout(total=request_timeout),
             )
-        except (aiohttp.ClientError, TimeoutError, OSError, ApiException) as exc:
+        except _FOREIGN_ERRORS as exc:
             raise _transport_error("get lease", exc) from exc
         if response.status == 404:
             response.release()
@@ -415,7 +458,7 @@ class LeasesAPI(_Client):
                 _preload_content=False,
                 _request_timeout=aiohttp.ClientTimeout(total=request_timeout),
             )
-        except (aiohttp.ClientError, TimeoutError, OSError, ApiException) as exc:
+        except _FOREIGN_ERRORS as exc:
             raise _transport_error("create lease", exc) from exc
         return await self._json(response, "create lease", (200, 201))
 
@@ -432,9 +475,25 @@ class LeasesAPI(_Client):
                 _preload_content=False,
                 _request_timeout=aiohttp.ClientTimeout(total=request_timeout),
             )
-        except (aiohttp.ClientError, TimeoutError, OSError, ApiException) as exc:
+        except _FOREIGN_ERRORS as exc:
             raise _transport_error("replace lease", exc) from exc
         return await self._json(response, "replace lease", (200, 201))
+
+
+# A watch is asked to end at most this share of the inactivity timeout after it
+# opened, leaving the rest as margin for the network and for whole seconds.
+_WATCH_TIMEOUT_SHARE = 5 / 6
+
+
+def watch_timeout(base: float, inactivity: float, fraction: float) -> float:
+    """The ``timeoutSeconds`` to ask of one watch: ``base`` raised by ``fraction`` (a
+    random number in [0, 1)) up to twice ``base``, but not past 5/6 of ``inactivity``
+    (60-100 s for 60 and 120). Randomised so that replicas do not reconnect in step
+    (client-go does the same); below the inactivity timeout so that a healthy server
+    always ends a quiet stream, which may carry no bookmark at all, before the client
+    would call it dead."""
+    ceiling = max(base, min(2 * base, inactivity * _WATCH_TIMEOUT_SHARE))
+    return base + (ceiling - base) * fraction
 
 
 def _release_unread(future: asyncio.Future[Any]) -> None:
@@ -469,7 +528,7 @@ class WatchStream:
                 line = await self._response.content.readline()
             except aiohttp.ServerTimeoutError as exc:
                 raise KubeAPIError("KUBE_WATCH_INACTIVE", "no data on the watch") from exc
-            except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            except (*_FOREIGN_ERRORS, ValueError) as exc:
                 raise _transport_error(self._what, exc) from exc
             if not line:
                 return None
@@ -503,6 +562,15 @@ def _transport_error(what: str, exc: BaseException) -> KubeAPIError:
         )
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return KubeAPIError("KUBE_TIMEOUT", f"{what}: timed out")
+    if isinstance(exc, LineTooLong):
+        # Its message quotes the start of the line: object data, kept out of details.
+        return KubeAPIError(
+            "KUBE_BAD_RESPONSE", f"{what}: a line longer than the client reads", status=200
+        )
+    if isinstance(exc, ConfigException):
+        # The refresh hook re-reads the credentials (in cluster: the projected token
+        # file). Its message may name a kubeconfig's contents: the type only.
+        return KubeAPIError("KUBE_CREDENTIALS_UNAVAILABLE", f"{what}: {type(exc).__name__}")
     return KubeAPIError(
         "KUBE_UNREACHABLE", f"{what}: {type(exc).__name__}: {str(exc)[:_MAX_DETAIL]}"
     )

@@ -8,9 +8,17 @@ Per watched scope (all namespaces, or each configured namespace) one loop:
       └────────────────────────────────────────┘ stream end → watch again from the last RV;
                                                   error → backoff with jitter, then again
 
+Each watch asks the server to end it (``timeoutSeconds``) before our inactivity
+timeout would call it dead: the API server sends bookmarks only above the watch's
+starting resourceVersion, so on a quiet cluster a healthy watch can carry no byte
+for many minutes. Any exception, expected or not, is logged and retried with
+backoff: the loop only ends when it is cancelled.
+
 Fail closed: ``ready`` is False until every scope has listed once, and again
 while a scope's watch has been down longer than ``staleness_seconds``; lookups
-then raise InventoryUnavailable (503), never answer from stale data.
+then raise InventoryUnavailable (503), never answer from stale data. A reconnect
+ends an outage only if its stream then delivers something or ends cleanly: one
+that fails before its first event (the same bad event every time) does not.
 
 A pod the token names can be ahead of the watch: :meth:`WatchInventory.get`
 reads through with one GET on a miss, or when the cached pod of that name has
@@ -25,7 +33,6 @@ scope's loop (a list, or one watch stream until it ends) without background task
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import random
 import time
@@ -38,7 +45,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from identityd.errors import InventoryUnavailable
 from identityd.inventory.base import PodRecord
 from identityd.inventory.store import DEFAULT_ANNOTATION_KEYS, PodStore, RecordBuilder
-from identityd.kubeapi import KubeAPIError, KubeConnection, PodsAPI
+from identityd.kubeapi import KubeAPIError, KubeConnection, PodsAPI, watch_timeout
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +69,14 @@ class WatchSettings:
     # One list page or one read-through GET during a relist.
     request_timeout_seconds: float = 30.0
     connect_timeout_seconds: float = 10.0
-    # timeoutSeconds asked of the server per watch, randomised up to 2x (client-go
-    # uses 5-10 min) so many replicas do not reconnect in step.
-    watch_timeout_seconds: float = 300.0
+    # timeoutSeconds asked of the server per watch, randomised from this up to 2x but
+    # below 5/6 of the inactivity timeout (60-100 s by default; client-go randomises
+    # too), so many replicas do not reconnect in step and a healthy server always
+    # ends a quiet stream before it would count as dead.
+    watch_timeout_seconds: float = 60.0
     # No byte on an open watch for this long = a dead stream (a half-open TCP
-    # connection never errors). The API server bookmarks about once a minute.
+    # connection never errors). Bookmarks cannot be relied on to keep it alive: the
+    # API server sends them only above the watch's starting resourceVersion.
     inactivity_timeout_seconds: float = 120.0
     # A watch down longer than this makes the inventory not ready (503): a pod
     # deleted meanwhile would otherwise stay allowed for as long as the outage.
@@ -105,6 +115,11 @@ class WatchSettings:
             raise TypeError("label_selector: expected str or None")
         if self.backoff_max_seconds < self.backoff_initial_seconds:
             raise ValueError("backoff_max_seconds: must not be below backoff_initial_seconds")
+        if self.watch_timeout_seconds >= self.inactivity_timeout_seconds:
+            raise ValueError(
+                "watch_timeout_seconds: must be below inactivity_timeout_seconds, or every "
+                "quiet watch counts as dead before the server ends it"
+            )
 
 
 class WatchMetrics:
@@ -392,6 +407,19 @@ class WatchInventory:
                 shard.failures,
                 delay,
             )
+        except Exception:  # the loop must outlive a bug; readiness fails closed meanwhile
+            # Not a KubeAPIError: a bug here or an error the edge does not know. Ending
+            # the loop would leave the cache frozen for good; retrying with backoff lets
+            # readiness fail closed (stale) while it lasts, and recover when it passes.
+            shard.failures += 1
+            self._mark_down(shard)
+            delay = self._backoff(shard.failures)
+            log.exception(
+                "pod watch %s: unexpected error (failure %d; retry in %.2fs)",
+                shard.scope,
+                shard.failures,
+                delay,
+            )
         await asyncio.sleep(delay)
 
     def _backoff(self, failures: int) -> float:
@@ -406,22 +434,15 @@ class WatchInventory:
         s = self._settings
         reason = "initial" if not shard.synced else ("expired" if shard.rv is None else "resync")
         api = self._require_api()
-        listing = functools.partial(
-            api.list_all,
+        # An expired continue token restarts the paged list (list_all), never an
+        # unpaged list of every pod.
+        records, rv = await api.list_all(
             shard.namespace,
             self._build,
+            limit=s.page_size,
             label_selector=s.label_selector,
             request_timeout=s.request_timeout_seconds,
         )
-        try:
-            records, rv = await listing(limit=s.page_size)
-        except KubeAPIError as exc:
-            if exc.code != "KUBE_CONTINUE_EXPIRED":
-                raise
-            # The continue token outlived the server's window: one unpaged list (as
-            # client-go's pager does) rather than paging into 410 again.
-            log.info("pod list %s: continue token expired; listing unpaged", shard.scope)
-            records, rv = await listing(limit=0)
         if reason == "resync" and self._metrics is not None:
             self._metrics.resync_repairs.inc(_drift(shard.store, records))
         shard.store.replace_all(records)
@@ -442,7 +463,9 @@ class WatchInventory:
     async def _watch(self, shard: _Shard) -> None:
         api = self._require_api()
         s = self._settings
-        timeout = s.watch_timeout_seconds * (1 + self._rng.random())
+        timeout = watch_timeout(
+            s.watch_timeout_seconds, s.inactivity_timeout_seconds, self._rng.random()
+        )
         until_resync = None
         if s.resync_seconds:
             until_resync = max(0.0, shard.next_resync - self._clock())
@@ -463,7 +486,9 @@ class WatchInventory:
             stream.close()
             shard.rv = None
             return
-        shard.down_since = None  # connected from our resourceVersion within the bound
+        # Connected from our resourceVersion within the bound: up again, unless this
+        # stream fails before it delivers anything (below).
+        was_down, shard.down_since = shard.down_since, None
         opened = last_data = self._clock()
         received = 0
         reason = "error"
@@ -495,6 +520,10 @@ class WatchInventory:
             raise
         finally:
             stream.close()
+            if not received and reason in ("error", "expired", "inactive"):
+                # Nothing came through (e.g. the first event fails every time): the
+                # outage never ended, and must not restart its clock at each reconnect.
+                shard.down_since = was_down
             # A dead stream was stale from its last byte, not from when we noticed.
             self._mark_down(shard, last_data if reason == "inactive" else None)
             if self._metrics is not None and reason != "stopped":

@@ -7,7 +7,9 @@ key of ``data`` is one Rego module, whatever its name, with the id
 
 How: one list+watch per namespace, as the pod inventory's (``inventory/watch.py``):
 list, mark synced, watch from the list's resourceVersion with bookmarks; 410 Gone →
-relist; a dead stream fails after an inactivity timeout; backoff with jitter. A change
+relist; a dead stream fails after an inactivity timeout, and each watch asks the server
+to end it before that (a quiet watch may carry no bookmark at all); any error, expected
+or not, is logged and retried with backoff and jitter. A change
 of ``data`` (or a ConfigMap added or deleted) wakes the reloader at once
 (:class:`~identityd.policy.reload.ObservedSource`); a change of metadata only, such as
 our own status annotation, does not — so our write cannot start a reload loop.
@@ -44,7 +46,13 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Protocol, Self
 
 from identityd.errors import ConfigError
-from identityd.kubeapi import ConfigMapsAPI, JSONObject, KubeAPIError, KubeConnection
+from identityd.kubeapi import (
+    ConfigMapsAPI,
+    JSONObject,
+    KubeAPIError,
+    KubeConnection,
+    watch_timeout,
+)
 from identityd.policy.reload import ReloadOutcome, ReloadResult
 
 __all__ = [
@@ -331,9 +339,12 @@ class ConfigMapSettings:
     page_size: int = 100
     request_timeout_seconds: float = 10.0
     connect_timeout_seconds: float = 10.0
-    # timeoutSeconds asked of the server per watch, randomised up to 2x.
-    watch_timeout_seconds: float = 300.0
-    # No byte for this long = a dead stream; the API server bookmarks about once a minute.
+    # timeoutSeconds asked of the server per watch, randomised from this up to 2x but
+    # below 5/6 of the inactivity timeout (60-100 s by default): the server ends a quiet
+    # stream before it would count as dead.
+    watch_timeout_seconds: float = 60.0
+    # No byte for this long = a dead stream. The API server bookmarks only above the
+    # watch's starting resourceVersion: a quiet namespace gets none.
     inactivity_timeout_seconds: float = 120.0
     # Reconnect and status-write retry backoff: initial * 2^(failures-1), capped, jittered.
     backoff_initial_seconds: float = 0.5
@@ -356,6 +367,11 @@ class ConfigMapSettings:
                 raise ValueError(f"{item.name}: expected a positive number, got {value!r}")
         if self.backoff_max_seconds < self.backoff_initial_seconds:
             raise ValueError("backoff_max_seconds: must not be below backoff_initial_seconds")
+        if self.watch_timeout_seconds >= self.inactivity_timeout_seconds:
+            raise ValueError(
+                "watch_timeout_seconds: must be below inactivity_timeout_seconds, or every "
+                "quiet watch counts as dead before the server ends it"
+            )
 
 
 @dataclass
@@ -527,6 +543,16 @@ class ConfigMapSource:
                     shard.failures,
                     delay,
                 )
+        except Exception:  # the loop must outlive a bug
+            # Not a KubeAPIError: ending the loop would freeze the policy set for good.
+            shard.failures += 1
+            delay = self._backoff(shard.failures)
+            log.exception(
+                "policy ConfigMaps %s: unexpected error (failure %d; retry in %.2fs)",
+                namespace,
+                shard.failures,
+                delay,
+            )
         await asyncio.sleep(delay)
 
     def _backoff(self, failures: int) -> float:
@@ -537,24 +563,14 @@ class ConfigMapSource:
     async def _relist(self, shard: _Shard) -> None:
         s = self._settings
         api = self._require_api()
-        try:
-            cms, rv = await api.list_all(
-                shard.namespace,
-                PolicyConfigMap.from_object,
-                limit=s.page_size,
-                label_selector=s.label_selector,
-                request_timeout=s.request_timeout_seconds,
-            )
-        except KubeAPIError as exc:
-            if exc.code != "KUBE_CONTINUE_EXPIRED":
-                raise
-            cms, rv = await api.list_all(
-                shard.namespace,
-                PolicyConfigMap.from_object,
-                limit=0,
-                label_selector=s.label_selector,
-                request_timeout=s.request_timeout_seconds,
-            )
+        # An expired continue token restarts the paged list (list_all), never unpaged.
+        cms, rv = await api.list_all(
+            shard.namespace,
+            PolicyConfigMap.from_object,
+            limit=s.page_size,
+            label_selector=s.label_selector,
+            request_timeout=s.request_timeout_seconds,
+        )
         was_synced = self.synced
         changed = self.state.replace_namespace(shard.namespace, cms)
         shard.rv, shard.synced, shard.failures = rv, True, 0
@@ -571,7 +587,9 @@ class ConfigMapSource:
     async def _watch(self, shard: _Shard) -> None:
         s = self._settings
         api = self._require_api()
-        timeout = s.watch_timeout_seconds * (1 + self._rng.random())
+        timeout = watch_timeout(
+            s.watch_timeout_seconds, s.inactivity_timeout_seconds, self._rng.random()
+        )
         stream = await api.watch(
             shard.namespace,
             resource_version=shard.rv or "",
@@ -636,7 +654,12 @@ class ConfigMapSource:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
-            if await self.write_status_once():
+            try:
+                written = await self.write_status_once()
+            except Exception:  # the loop must outlive a bug
+                log.exception("policy ConfigMap status: unexpected error; retrying")
+                written = False
+            if written:
                 failures = 0
                 continue
             failures += 1

@@ -28,6 +28,7 @@ import inspect
 import ipaddress
 import json
 import logging
+import os
 import re
 import ssl as ssl_module
 import time
@@ -55,11 +56,16 @@ log = logging.getLogger(__name__)
 
 # Only asymmetric algorithms: `none` and HMAC (whose "key" could be a public key
 # anyone has) are refused before any key is looked at.
-ALLOWED_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "PS256"})
-_EC_ALG_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1"}
+# The set the API server signs with (--service-account-key-file takes RSA and ECDSA
+# P-256/384/521 keys), and PS256.
+ALLOWED_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256"}
+)
+_EC_ALG_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
 _JWK_CURVES: dict[str, tuple[ec.EllipticCurve, int]] = {
     "P-256": (ec.SECP256R1(), 32),
     "P-384": (ec.SECP384R1(), 48),
+    "P-521": (ec.SECP521R1(), 66),
 }
 # A JWK Set is a few KiB; anything near this is not one (and must not eat memory).
 MAX_JWKS_BYTES = 1024 * 1024
@@ -79,6 +85,9 @@ _REPEAT_WARNING_SECONDS = 60.0
 _MAX_RSA_BITS = 8192
 _MAX_RSA_EXPONENT_BITS = 64
 DISCOVERY_PATH = "/.well-known/openid-configuration"
+# The API server's in-cluster Service (``kubernetes`` in ``default``), by the names a
+# pod resolves; ``kubernetes.default.svc.<cluster domain>`` as well.
+_API_SERVER_NAMES = frozenset({"kubernetes", "kubernetes.default", "kubernetes.default.svc"})
 
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
@@ -179,7 +188,7 @@ def _rsa_key(entry: Mapping[str, object]) -> rsa.RSAPublicKey:
 def _ec_key(entry: Mapping[str, object]) -> ec.EllipticCurvePublicKey | None:
     crv = entry.get("crv")
     if not isinstance(crv, str) or crv not in _JWK_CURVES:
-        return None  # P-521, secp256k1, ...: no allowed alg uses them
+        return None  # secp256k1, ...: no allowed alg uses them
     curve, size = _JWK_CURVES[crv]
     x, y = _b64url_member(entry, "x"), _b64url_member(entry, "y")
     if len(x) != size or len(y) != size:
@@ -430,14 +439,23 @@ class DiscoveryKeySource:
             session_factory=session_factory, ssl=ssl, timeout=timeout, max_bytes=max_bytes
         )
 
-    async def fetch(self) -> object:
-        headers = await _resolve_headers(self._headers)
+    async def document(self, headers: Mapping[str, str] | None = None) -> Mapping[str, object]:
+        """The discovery document, its ``issuer`` checked (KeysUnavailable otherwise).
+        ``headers``: the ones to send (by default, asked of the provider)."""
+        if headers is None:
+            headers = await _resolve_headers(self._headers)
         document = await self._http.get_json(self._url, headers)
         where = _redacted(self._url)
         if not isinstance(document, Mapping):
             raise KeysUnavailable(None, f"{where}: not a JSON object")
         if self._issuer is not None and document.get("issuer") != self._issuer:
             raise KeysUnavailable(None, f"{where}: issuer is not the configured one")
+        return document
+
+    async def fetch(self) -> object:
+        headers = await _resolve_headers(self._headers)
+        document = await self.document(headers)
+        where = _redacted(self._url)
         jwks_uri = document.get("jwks_uri")
         if not isinstance(jwks_uri, str):
             raise KeysUnavailable(None, f"{where}: no jwks_uri")
@@ -455,19 +473,57 @@ class DiscoveryKeySource:
         return f"DiscoveryKeySource({_redacted(self._url)!r})"
 
 
+def is_api_server_url(url: str, *, service_host: str | None = None) -> bool:
+    """Whether ``url`` names the API server by its in-cluster Service
+    (``kubernetes.default.svc`` and its other names) or by ``service_host`` (the
+    pod's ``KUBERNETES_SERVICE_HOST``). Such a URL needs the cluster's CA and a
+    service-account token: :func:`~identityd.tokens.tokenreview.jwks_key_source`
+    fetches it through the cluster key source."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return False
+    host = (parts.hostname or "").rstrip(".").lower()
+    if host in _API_SERVER_NAMES or host.startswith("kubernetes.default.svc."):
+        return True
+    if not service_host:
+        return False
+    service_host = service_host.strip("[]").lower()
+    try:
+        return ipaddress.ip_address(host) == ipaddress.ip_address(service_host)
+    except ValueError:
+        return host == service_host
+
+
 def key_source_from_settings(
     settings: TokenSettings,
     *,
     session_factory: SessionFactory | None = None,
     ssl: ssl_module.SSLContext | None = None,
     headers: HeadersProvider | None = None,
+    service_host: str | None = None,
 ) -> KeySource:
     """The source ``settings.jwks`` names: a path or ``file://`` URL, an http(s)
-    URL of a JWK Set, or an http(s) URL ending in the OIDC discovery path."""
+    URL of a JWK Set, or an http(s) URL ending in the OIDC discovery path.
+
+    A URL of the in-cluster API server (:func:`is_api_server_url`; ``service_host``
+    defaults to ``$KUBERNETES_SERVICE_HOST``) without ``headers`` and without a CA
+    (``ssl`` or ``session_factory``) is a ConfigError: fetched bare, it fails TLS
+    (the cluster CA is not in the system store) and authorization (the JWKS needs a
+    service-account token), so the keys would never load."""
     location = settings.jwks
     if not location:
         raise ConfigError(None, "tokens.jwks: no JWKS file or URL configured")
     parts = urlsplit(location)
+    if service_host is None:
+        service_host = os.environ.get("KUBERNETES_SERVICE_HOST")
+    bare = headers is None or (ssl is None and session_factory is None)
+    if bare and is_api_server_url(location, service_host=service_host):
+        raise ConfigError(
+            "TOKENS_JWKS_API_SERVER",
+            f"tokens.jwks: {_redacted(location)} is the in-cluster API server, which needs "
+            "the cluster CA and a service-account token; leave --jwks unset (or build the "
+            "source with tokenreview.jwks_key_source) to fetch its keys with them",
+        )
     if parts.scheme in ("http", "https"):
         kind = DiscoveryKeySource if parts.path.endswith(DISCOVERY_PATH) else URLKeySource
         http_args: dict[str, Any] = {

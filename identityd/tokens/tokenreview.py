@@ -19,11 +19,13 @@ never make one pass or name another pod. (Once the API server authenticated the
 token through its service-account authenticator, that payload is in fact the
 one it verified; the comparison checks that it did.)
 
-:class:`ClusterKeySource` (mode ``jwks`` without ``--jwks``): the API server's own
-JWK Set, ``/openid/v1/jwks`` (or OIDC discovery), fetched with the client's
-credentials (CA bundle, and a bearer token asked for again before every fetch:
-in cluster it is the rotated projected token), for
-:class:`~identityd.tokens.jwks.JWKSVerifier`.
+:class:`ClusterKeySource` (mode ``jwks`` without ``--jwks``, or with a ``--jwks`` URL
+of the in-cluster API server): the API server's own JWK Set, ``/openid/v1/jwks`` on
+the client's host (after checking the issuer through OIDC discovery, if asked),
+fetched with the client's credentials (CA bundle, and a bearer token asked for
+again before every fetch: in cluster it is the rotated projected token), for
+:class:`~identityd.tokens.jwks.JWKSVerifier`. :func:`jwks_key_source` picks the
+source of mode ``jwks`` from the settings.
 
 Only this module of :mod:`identityd.tokens` uses kubernetes_asyncio; its
 errors leave here as :class:`TokenReviewUnavailable`, :class:`InvalidToken`
@@ -36,6 +38,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from collections import OrderedDict
@@ -43,6 +46,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, Protocol, Self
+from urllib.parse import urlsplit
 
 import aiohttp
 import jwt
@@ -64,6 +68,9 @@ from identityd.tokens.jwks import (
     KeySource,
     URLKeySource,
     _check_settings,
+    _redacted,
+    is_api_server_url,
+    key_source_from_settings,
     read_header,
 )
 
@@ -522,13 +529,17 @@ class TokenReviewVerifier:
 
 class ClusterKeySource:
     """The API server's JWK Set (a :class:`~identityd.tokens.jwks.KeySource`), fetched
-    over one kubernetes_asyncio ApiClient's session (its CA bundle and client
-    certificate) with its bearer token, asked for again before each fetch.
+    from ``{host}/openid/v1/jwks`` over one kubernetes_asyncio ApiClient's session (its
+    CA bundle and client certificate) with its bearer token, asked for again before
+    each fetch.
 
-    ``discovery=False``: ``{host}/openid/v1/jwks`` directly. ``discovery=True``:
-    ``{host}/.well-known/openid-configuration`` (its ``issuer`` must equal ``issuer``)
-    and then its ``jwks_uri``, which gets the token only on the API server's origin.
-    Both paths are open to every service account by default (the ClusterRoleBinding
+    ``discovery=True``: each fetch first GETs ``{host}/.well-known/openid-configuration``
+    the same way, and its ``issuer`` must equal ``issuer``. Its ``jwks_uri`` is NOT
+    followed: a real API server names its external address there (the advertise
+    address, ``--external-hostname`` or ``--service-account-jwks-uri``), which a pod
+    may not reach or trust, and where the service-account token must not go. The API
+    server serves the same key set on the host we talk to. Both paths are open to
+    every service account by default (the ClusterRoleBinding
     ``system:service-account-issuer-discovery``). Owns ``api_client``."""
 
     def __init__(
@@ -547,18 +558,21 @@ class ClusterKeySource:
             return api_client.rest_client.pool_manager
 
         try:
-            if discovery:
-                self._source: KeySource = DiscoveryKeySource(
+            self._keys = URLKeySource(
+                host + JWKS_PATH, session_factory=session, headers=self._headers,
+                timeout=timeout,
+            )
+            self._discovery = (
+                DiscoveryKeySource(
                     host + DISCOVERY_PATH, issuer=issuer, session_factory=session,
                     headers=self._headers, timeout=timeout,
                 )
-            else:
-                self._source = URLKeySource(
-                    host + JWKS_PATH, session_factory=session, headers=self._headers,
-                    timeout=timeout,
-                )
+                if discovery
+                else None
+            )
         except ValueError as exc:
             raise ConfigError(None, f"API server JWKS: {exc}") from exc
+        self._host = host
 
     @classmethod
     async def connect(cls, connection: KubeConnection, **options: Any) -> ClusterKeySource:
@@ -582,14 +596,21 @@ class ClusterKeySource:
         }
 
     async def fetch(self) -> object:
-        return await self._source.fetch()
+        if self._discovery is not None:
+            await self._discovery.document()  # the issuer check; jwks_uri is not used
+        return await self._keys.fetch()
 
     async def aclose(self) -> None:
-        await self._source.aclose()  # closes the client's session
+        # Both sources share the client's session: closing it once is enough, and
+        # closing a closed one is harmless.
+        if self._discovery is not None:
+            await self._discovery.aclose()
+        await self._keys.aclose()
         await self._client.close()
 
     def __repr__(self) -> str:
-        return f"Cluster{self._source!r}"
+        mode = ", discovery" if self._discovery is not None else ""
+        return f"ClusterKeySource({_redacted(self._host)!r}{mode})"
 
 
 async def cluster_key_source(
@@ -604,3 +625,50 @@ async def cluster_key_source(
     return await ClusterKeySource.connect(
         connection, discovery=discovery, issuer=issuer, timeout=fetch_timeout
     )
+
+
+async def jwks_key_source(
+    settings: TokenSettings,
+    connection: KubeConnection,
+    *,
+    service_host: str | None = None,
+) -> KeySource:
+    """The key source of mode ``jwks``: the file or URL ``settings.jwks`` names, or
+    the API server's own keys through :class:`ClusterKeySource` (CA bundle and
+    service-account token of ``connection``) when ``settings.jwks`` is unset or is a
+    URL of the in-cluster API server (``https://kubernetes.default.svc/...``, or the
+    host ``service_host``, by default ``$KUBERNETES_SERVICE_HOST``). Such a URL may
+    name ``/openid/v1/jwks`` (discovery as ``settings.jwks_discovery`` says) or the
+    discovery document (discovery on); its host is not dialled as written: the keys
+    come from the host of ``connection``, the same API server. Another path is a
+    ConfigError, as is an unusable ``connection``."""
+    location = settings.jwks
+    if service_host is None:
+        service_host = os.environ.get("KUBERNETES_SERVICE_HOST")
+    discovery = settings.jwks_discovery
+    if location:
+        if not is_api_server_url(location, service_host=service_host):
+            return key_source_from_settings(settings, service_host=service_host)
+        path = urlsplit(location).path.rstrip("/")
+        if path == DISCOVERY_PATH:
+            discovery = True
+        elif path != JWKS_PATH:
+            raise ConfigError(
+                "TOKENS_JWKS_API_SERVER",
+                f"tokens.jwks: {_redacted(location)} is the in-cluster API server, which "
+                f"serves its keys at {JWKS_PATH} and {DISCOVERY_PATH} only",
+            )
+    source = await cluster_key_source(
+        connection,
+        discovery=discovery,
+        issuer=settings.issuer,
+        fetch_timeout=settings.fetch_timeout_seconds,
+    )
+    if location:
+        log.info(
+            "tokens.jwks %s is the in-cluster API server: its keys are fetched from %r "
+            "with the cluster CA and the service-account token",
+            _redacted(location),
+            source,
+        )
+    return source

@@ -27,9 +27,11 @@ from deploy_support import (
 )
 
 from identityd.settings import host_port
+from identityd.tokens.jwks import is_api_server_url
 
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
-OPA_IMAGE = re.compile(r"^openpolicyagent/opa:\d+\.\d+\.\d+$")
+# A release tag (optionally its -static build), never a floating one.
+OPA_IMAGE = re.compile(r"^openpolicyagent/opa:(?P<major>\d+)\.\d+\.\d+(?:-static)?$")
 
 
 def workloads(objs: list[Obj]) -> list[Obj]:
@@ -185,7 +187,12 @@ def test_identityd_runs_one_worker_per_pod(args: list[str]) -> None:
 
 def test_opa_is_pinned_and_listens_on_loopback_only(deployment: Obj, args: list[str]) -> None:
     opa = container(deployment, "opa")
-    assert OPA_IMAGE.match(opa["image"]), opa["image"]
+    pinned = OPA_IMAGE.match(opa["image"])
+    assert pinned, opa["image"]
+    # 1.x parses Rego v1 by default (0.x parses v0: a policy ConfigMap written in v1
+    # without `import rego.v1` would not load).
+    assert int(pinned["major"]) >= 1, opa["image"]
+    assert opa["args"][:2] == ["run", "--server"]
     (addr,) = flag_values(opa["args"], "--addr")
     assert addr.startswith("127.0.0.1:")
     assert flag_values(args, "--opa-url") == [f"http://{addr}"]
@@ -194,6 +201,23 @@ def test_opa_is_pinned_and_listens_on_loopback_only(deployment: Obj, args: list[
     assert [p["containerPort"] for p in opa["ports"]] == [port_of(diagnostic)]
     for probe in ("readinessProbe", "livenessProbe"):
         assert opa[probe]["httpGet"]["path"] == "/health"
+
+
+# -- tokens ----------------------------------------------------------------
+
+
+def test_tokens_are_checked_with_the_api_servers_keys_fetched_with_its_ca_and_token(
+    deployment: Obj, args: list[str],
+) -> None:
+    """No --jwks: identityd fetches /openid/v1/jwks through its in-cluster client (the
+    cluster CA, the rotating service-account token). A bare --jwks URL of the API
+    server never loads: the cluster CA is not in the system store and the JWKS needs
+    a token (identityd refuses such a flag at start-up)."""
+    assert flag_values(args, "--token-mode") == ["jwks"]
+    for url in flag_values(args, "--jwks"):
+        assert not is_api_server_url(url, service_host="10.96.0.1"), url
+    assert flag_values(args, "--jwks") == []
+    assert pod_spec(deployment)["automountServiceAccountToken"] is True
 
 
 def test_images_are_pinned(base: list[Obj], sia_example: list[Obj]) -> None:

@@ -17,7 +17,9 @@ Served (for every resource in ``RESOURCES``; pods, configmaps and leases today):
   BOOKMARK when ``allowWatchBookmarks``); no ``resourceVersion`` or ``"0"`` starts with
   an ADDED per existing object; a resourceVersion older than the window gets one
   ``ERROR`` event with a ``410 Expired`` Status and the stream ends; ``timeoutSeconds``
-  ends the stream cleanly.
+  ends the stream cleanly. As the real watch cache does, a BOOKMARK goes out only at a
+  resourceVersion above the one the watch started from: a watch on a quiet cluster
+  gets no bytes at all until ``timeoutSeconds``.
 - ``GET {prefix}/namespaces/{ns}/{plural}/{name}``: the object, or a 404 Status.
 - ``PATCH`` on configmaps: merge-patch, strategic-merge-patch (the same for a
   ConfigMap) and JSON patch; ``metadata.resourceVersion`` in a merge patch is a
@@ -29,7 +31,10 @@ Served (for every resource in ``RESOURCES``; pods, configmaps and leases today):
   expirationSeconds, boundObjectRef to a Pod) signs a bound token in the claim format of
   the real API server; ``POST /apis/authentication.k8s.io/v1/tokenreviews`` authenticates
   one as the real TokenReview does (audiences intersected, bound pod checked);
-  ``GET /.well-known/openid-configuration`` and ``GET /openid/v1/jwks`` publish the keys.
+  ``GET /.well-known/openid-configuration`` and ``GET /openid/v1/jwks`` publish the keys;
+  as on a real API server, the document's ``jwks_uri`` is on the server's external
+  address (``external_address``, or ``service_account_jwks_uri`` as with
+  ``--service-account-jwks-uri``), not on the URL the client talks to.
   :attr:`KubeAPIServer.tokens` (a :class:`~tests.doubles.kube_store.TokenAuthority`) holds
   the signing keys and the test controls: ``tokens.rotate()``, ``tokens.clock``,
   ``tokens.ignore_audiences``, ``tokens.tamper``. A slow or failing TokenReview is
@@ -41,7 +46,7 @@ recorded in :attr:`KubeAPIServer.requests`, so tests can check what the client s
 Test controls: :meth:`add_pod`/:meth:`update_pod`/:meth:`terminate_pod`/
 :meth:`delete_pod` (and the generic :meth:`put`/:meth:`delete`), :meth:`drop_watches`,
 :meth:`compact`, :meth:`set_delay`, :meth:`fail_next`, :meth:`pause`/:meth:`resume`
-(the port refuses connections in between), :meth:`send_bookmark`.
+(the port refuses connections in between), :meth:`send_bookmark`, :meth:`send_line`.
 
 To add a resource (Leases, ...), add a :class:`Resource` to ``RESOURCES``; to add a
 non-resource endpoint (TokenRequest, TokenReview, OIDC discovery), add a route in
@@ -132,8 +137,9 @@ class _Failure:
 class _Control:
     """A queue item for a watch handler that is not an event line."""
 
-    kind: str  # "drop" | "abort" | "bookmark"
+    kind: str  # "drop" | "abort" | "bookmark" | "raw"
     rv: int = 0
+    data: bytes = b""
 
 
 @dataclass(eq=False)
@@ -141,6 +147,7 @@ class _Watch:
     watcher: Watcher
     resource: Resource
     bookmarks: bool
+    start_rv: int  # bookmarks only above this (the watch cache's rule)
     opened_at: float = field(default_factory=time.monotonic)
 
 
@@ -207,7 +214,11 @@ def pod_manifest(
 
 class KubeAPIServer:
     """The double. ``history`` = events kept (the watch window); ``bookmark_interval``
-    sends a BOOKMARK on an idle watch that asked for them (None: only on demand)."""
+    sends a BOOKMARK on an idle watch that asked for them, when the resourceVersion is
+    above the watch's start (None: only on demand). ``external_address`` is the
+    address the discovery document's ``jwks_uri`` names (a real API server's
+    advertise address or ``--external-hostname``; TEST-NET here, reachable from
+    nowhere); ``service_account_jwks_uri`` replaces that URI as a whole."""
 
     def __init__(
         self,
@@ -218,6 +229,8 @@ class KubeAPIServer:
         host: str = "127.0.0.1",
         port: int = 0,
         issuer: str = DEFAULT_ISSUER,
+        external_address: str = "192.0.2.10:6443",
+        service_account_jwks_uri: str | None = None,
     ) -> None:
         self.store = ObjectStore(history=history)
         self.tokens = TokenAuthority(self.store, issuer)
@@ -226,6 +239,8 @@ class KubeAPIServer:
         self.token = token
         self.requests: list[Recorded] = []
         self.bookmark_interval = bookmark_interval
+        self.external_address = external_address
+        self.service_account_jwks_uri = service_account_jwks_uri
         self._host, self._port = host, port
         self._delays: list[_Delay] = []
         self._failures: list[_Failure] = []
@@ -270,6 +285,11 @@ class KubeAPIServer:
     @property
     def url(self) -> str:
         return f"http://{self._host}:{self._port}"
+
+    @property
+    def jwks_uri(self) -> str:
+        """The ``jwks_uri`` of the discovery document: never on :attr:`url`'s origin."""
+        return self.service_account_jwks_uri or f"https://{self.external_address}/openid/v1/jwks"
 
     # -- routes -------------------------------------------------------------------------------
 
@@ -396,8 +416,9 @@ class KubeAPIServer:
         backlog: list[bytes]
         expired = False
         if rv_text in ("", "0"):  # "Get State and Start at Most Recent" / "Start at Any"
+            rv = self.store.rv
             items, _ = self.store.page(resource.plural, namespace, predicate,
-                                       at_rv=self.store.rv, after=None, limit=0)
+                                       at_rv=rv, after=None, limit=0)
             backlog = [watch_line("ADDED", raw) for raw in items]
         else:
             try:
@@ -412,7 +433,7 @@ class KubeAPIServer:
                     status_body(410, "Expired", str(exc)), separators=(",", ":")).encode())]
                 expired = True
         # Subscribe before the first await: no event can fall between backlog and stream.
-        watch = _Watch(watcher, resource, query.get("allowWatchBookmarks") in _TRUE)
+        watch = _Watch(watcher, resource, query.get("allowWatchBookmarks") in _TRUE, rv)
         if not expired:
             self.store.watchers.add(watcher)
             self._watches.add(watch)
@@ -452,7 +473,9 @@ class KubeAPIServer:
                 if deadline is not None and loop.time() >= deadline:
                     return False
                 # Idle with nothing queued: every event up to store.rv has been written.
-                await response.write(self._bookmark(watch.resource, self.store.rv))
+                # The watch cache drops a bookmark not above the watch's start.
+                if self.store.rv > watch.start_rv:
+                    await response.write(self._bookmark(watch.resource, self.store.rv))
                 continue
             batch: list[bytes] = []
             item = first
@@ -460,8 +483,10 @@ class KubeAPIServer:
                 if isinstance(item, bytes):
                     batch.append(item)
                 elif isinstance(item, _Control) and item.kind == "bookmark":
-                    if watch.bookmarks:
+                    if watch.bookmarks and item.rv > watch.start_rv:
                         batch.append(self._bookmark(watch.resource, item.rv))
+                elif isinstance(item, _Control) and item.kind == "raw":
+                    batch.append(item.data)
                 elif isinstance(item, _Control):
                     if batch:
                         await response.write(b"".join(batch))
@@ -607,7 +632,7 @@ class KubeAPIServer:
             status=201)
 
     async def _openid_configuration(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(self.tokens.discovery(self.url),
+        return web.json_response(self.tokens.discovery(self.jwks_uri),
                                  headers={"Cache-Control": "public, max-age=3600"})
 
     async def _openid_jwks(self, request: web.Request) -> web.StreamResponse:
@@ -677,9 +702,16 @@ class KubeAPIServer:
         return len(self._watches)
 
     def send_bookmark(self) -> None:
-        """A BOOKMARK at the current resourceVersion on every watch that allows them."""
+        """A BOOKMARK at the current resourceVersion on every watch that allows them and
+        started below it (the others get nothing, as from the real watch cache)."""
         for watch in self._watches:
             watch.watcher.queue.put_nowait(_Control("bookmark", self.store.rv))
+
+    def send_line(self, data: bytes) -> None:
+        """Write ``data`` as it is on every open watch, in order with its events: a
+        line a real server would never send (oversized, garbled)."""
+        for watch in self._watches:
+            watch.watcher.queue.put_nowait(_Control("raw", data=data))
 
     def compact(self, keep: int = 0) -> None:
         """Forget all but the last ``keep`` events: older resourceVersions are now 410."""

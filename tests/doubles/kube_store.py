@@ -413,9 +413,10 @@ class TokenAuthority:
     def jwks(self) -> JSON:
         return dict(self.signer.jwks())
 
-    def discovery(self, base_url: str) -> JSON:
-        """``/.well-known/openid-configuration`` as the API server writes it."""
-        return {"issuer": self.issuer, "jwks_uri": f"{base_url}/openid/v1/jwks",
+    def discovery(self, jwks_uri: str) -> JSON:
+        """``/.well-known/openid-configuration`` as the API server writes it; ``jwks_uri``
+        is on its external address (or ``--service-account-jwks-uri``)."""
+        return {"issuer": self.issuer, "jwks_uri": jwks_uri,
                 "response_types_supported": ["id_token"],
                 "subject_types_supported": ["public"],
                 "id_token_signing_alg_values_supported": [self.signer.alg]}

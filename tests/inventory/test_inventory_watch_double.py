@@ -15,7 +15,7 @@ import pytest
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from identityd.kubeapi import KubeAPIError, PodsAPI, new_api_client
+from identityd.kubeapi import MAX_LIST_RESTARTS, KubeAPIError, PodsAPI, new_api_client
 from tests.doubles.kube_apiserver import KubeAPIServer, json_patch, merge_patch
 from tests.doubles.kube_inventory import connection_to
 from tests.doubles.kube_store import label_predicate
@@ -109,17 +109,31 @@ async def test_continue_token_older_than_the_window_is_410(
     api.compact()
     status, body = await list_pods(core, limit=1, _continue=first["metadata"]["continue"])
     assert status == 410 and body["reason"] == "Expired" and body["code"] == 410
-    # PodsAPI reports it as its own code, so the watch knows to list unpaged.
-    api.set_delay(0.1, path="continue=")
+    # list_all starts over from the first page, in pages still: an unpaged list of
+    # every pod is what paging is there to avoid.
+    api.set_delay(0.05, path="continue=")
     api.requests.clear()
     listing = asyncio.create_task(pods.list_all(None, dict, limit=1, request_timeout=2))
     await eventually(lambda: any("continue" in r.query for r in api.requests))
     api.compact()  # while the second page is on its way
     api.add_pod("ns", "e")
     api.compact()
+    found, rv = await listing
+    assert names(found) == list("abcde") and rv == str(api.store.rv)
+    queries = [r.query for r in api.requests]
+    assert [q.get("limit") for q in queries] == ["1"] * 7  # 2 pages, then 5 from the top
+    assert ["continue" in q for q in queries[:3]] == [False, True, False]
+
+    # A token that keeps expiring: MAX_LIST_RESTARTS restarts, then its own code.
+    api.set_delay(0)
+    api.requests.clear()
+    api.fail_next(MAX_LIST_RESTARTS + 1, 410, path="continue=")
     with pytest.raises(KubeAPIError) as caught:
-        await listing
+        await pods.list_all(None, dict, limit=1, request_timeout=2)
     assert caught.value.code == "KUBE_CONTINUE_EXPIRED" and caught.value.expired
+    firsts = [r for r in api.requests if "continue" not in r.query]
+    assert len(firsts) == MAX_LIST_RESTARTS + 1
+    assert all(r.query.get("limit") == "1" for r in api.requests)
 
 
 async def test_list_all_pages_and_converts(api: KubeAPIServer, pods: PodsAPI) -> None:
@@ -198,6 +212,53 @@ async def test_watch_ends_cleanly_at_timeout_seconds_even_when_busy(
                     break
                 count += 1
         assert count > 10
+    finally:
+        stream.close()
+
+
+async def watch_lines(api: KubeAPIServer, rv: str, seconds: float) -> list[dict[str, Any]]:
+    """Every event of a raw watch from ``rv`` with bookmarks, until it ends."""
+    headers = {"Authorization": f"Bearer {api.token}"}
+    params = {"watch": "1", "resourceVersion": rv, "allowWatchBookmarks": "true",
+              "timeoutSeconds": str(seconds)}
+    async with (aiohttp.ClientSession(headers=headers) as http,
+                http.get(f"{api.url}/api/v1/namespaces/mine/pods", params=params) as resp):
+        return [json.loads(line) for line in (await resp.read()).splitlines()]
+
+
+async def test_bookmarks_come_only_above_the_watch_start() -> None:
+    """The watch cache's rule: a bookmark at or below the resourceVersion the watch
+    started from is never sent, so a watch on a quiet cluster carries no byte at all."""
+    async with KubeAPIServer(bookmark_interval=0.05) as api:
+        api.add_pod("mine", "a")
+        quiet = asyncio.create_task(watch_lines(api, str(api.store.rv), 1))
+        await api.wait_for_watches(1)
+        api.send_bookmark()  # at the start's resourceVersion: dropped
+        assert await quiet == []
+
+        start = api.store.rv
+        moved = asyncio.create_task(watch_lines(api, str(start), 1))
+        await api.wait_for_watches(1)
+        api.add_pod("elsewhere", "b")  # not ours, but moves the resourceVersion
+        events = await moved
+        assert events and {e["type"] for e in events} == {"BOOKMARK"}
+        assert {e["object"]["metadata"]["resourceVersion"] for e in events} == {str(start + 1)}
+
+
+async def test_send_line_writes_a_raw_line_between_events(
+    api: KubeAPIServer, pods: PodsAPI
+) -> None:
+    stream = await pods.watch("ns", resource_version=str(api.store.rv), timeout_seconds=5,
+                              connect_timeout=1, inactivity_timeout=2)
+    try:
+        await api.wait_for_watches(1)
+        api.add_pod("ns", "a")
+        api.send_line(b"not json\n")
+        first = await stream.next()
+        assert first is not None and names([first["object"]]) == ["a"]
+        with pytest.raises(KubeAPIError) as caught:
+            await stream.next()
+        assert caught.value.code == "KUBE_BAD_RESPONSE"
     finally:
         stream.close()
 

@@ -4,6 +4,7 @@ dead stream, stop cleanly; WatchSettings validation."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import random
 from collections.abc import AsyncIterator
@@ -18,6 +19,10 @@ from identityd.kubeapi import KubeConnection
 from tests.doubles.kube_apiserver import KubeAPIServer
 from tests.doubles.kube_inventory import connection_to, fast_settings, watching
 from tests.doubles.waiting import eventually
+
+
+def set_label(value: str, pod: dict[str, Any]) -> None:
+    pod["metadata"]["labels"]["n"] = value
 
 
 @pytest.fixture
@@ -98,9 +103,11 @@ def test_backoff_delays_double_up_to_the_cap() -> None:
 
 
 async def test_silent_stream_is_detected_as_dead(api: KubeAPIServer) -> None:
+    # The server is asked to end the stream after 1 s (whole seconds): a stream silent
+    # for 0.15 s here is a dead one (as a half-open connection would be).
     api.add_pod("ns", "pod")
     registry = CollectorRegistry()
-    settings = fast_settings(inactivity_timeout_seconds=0.15)
+    settings = fast_settings(inactivity_timeout_seconds=0.15, watch_timeout_seconds=0.1)
     async with watching(api, settings, metrics=WatchMetrics(registry)) as inv:
         await eventually(lambda: registry.get_sample_value(
             "identityd_inventory_watch_restarts_total", {"reason": "inactive"}), within=3)
@@ -111,13 +118,16 @@ async def test_silent_stream_is_detected_as_dead(api: KubeAPIServer) -> None:
         await eventually(lambda: inv.size() == 2)
 
 
-async def test_bookmarks_keep_a_quiet_stream_alive() -> None:
+async def test_bookmarks_keep_a_stream_alive_once_past_its_start() -> None:
+    """Bookmarks come only above the watch's starting resourceVersion (the double does as
+    the watch cache does): after one write, they keep the stream alive."""
     async with KubeAPIServer(bookmark_interval=0.05) as api:
         registry = CollectorRegistry()
-        settings = fast_settings(inactivity_timeout_seconds=0.2)
+        settings = fast_settings(inactivity_timeout_seconds=0.2, watch_timeout_seconds=0.1)
         async with watching(api, settings, metrics=WatchMetrics(registry)):
             await api.wait_for_watches(1)
-            await asyncio.sleep(0.5)
+            api.put("configmaps", {"metadata": {"name": "c", "namespace": "ns"}})  # not a pod
+            await asyncio.sleep(0.5)  # within the 1 s the server was asked for
             assert registry.get_sample_value(
                 "identityd_inventory_watch_restarts_total", {"reason": "inactive"}) is None
             bookmarks = registry.get_sample_value(
@@ -137,19 +147,38 @@ async def test_server_that_ends_every_watch_at_once_is_backed_off(api: KubeAPISe
     assert len(gaps) >= 3 and min(gaps) >= 0.025
 
 
-async def test_a_crashed_loop_is_not_ready(api: KubeAPIServer) -> None:
+async def test_a_bug_on_every_event_fails_closed_but_never_stops_the_loop(
+    api: KubeAPIServer,
+) -> None:
+    """An error the loop does not know is logged and retried with backoff (never the end
+    of the loop); while it keeps failing the inventory is stale, then ready again."""
     api.add_pod("ns", "pod")
+    broken = [True]
 
-    def broken(kind: str, record: Any) -> None:
-        raise RuntimeError("a bug in event handling")
+    def observer(kind: str, record: Any) -> None:
+        if broken[0]:
+            raise RuntimeError("a bug in event handling")
 
-    async with watching(api, observer=broken) as inv:
+    settings = fast_settings(staleness_seconds=0.2)
+    async with watching(api, settings, observer=observer) as inv:
         await api.wait_for_watches(1)
-        api.add_pod("ns", "trigger")
-        await eventually(lambda: not inv.ready)
-        with pytest.raises(InventoryUnavailable) as caught:
-            await inv.get_by_uid("x")
-        assert "stopped" in caught.value.detail
+
+        async def churn() -> None:
+            for i in itertools.count():
+                api.update_pod("ns", "pod", functools.partial(set_label, str(i)))
+                await asyncio.sleep(0.01)
+
+        churning = asyncio.create_task(churn())
+        try:
+            await eventually(lambda: not inv.ready, within=3)
+            with pytest.raises(InventoryUnavailable) as caught:
+                await inv.get_by_uid("x")
+            assert caught.value.code == "INVENTORY_STALE"
+            broken[0] = False
+            await eventually(lambda: inv.ready, within=3)
+        finally:
+            churning.cancel()
+        assert not any(task.done() for task in inv._tasks)
 
 
 async def test_close_stops_everything(api: KubeAPIServer) -> None:
@@ -210,6 +239,8 @@ async def test_metrics_count_what_happened(api: KubeAPIServer) -> None:
         ({"backoff_initial_seconds": 5.0, "backoff_max_seconds": 1.0}, ValueError),
         ({"read_through_concurrency": 0}, ValueError),
         ({"watch_timeout_seconds": "300"}, TypeError),
+        ({"watch_timeout_seconds": 120.0}, ValueError),  # not below the inactivity timeout
+        ({"watch_timeout_seconds": 30.0, "inactivity_timeout_seconds": 20.0}, ValueError),
         ({"namespaces": "default"}, ValueError),
         ({"namespaces": ("a", "")}, ValueError),
         ({"label_selector": 3}, TypeError),
@@ -224,6 +255,7 @@ def test_settings_defaults_are_sane() -> None:
     s = WatchSettings()
     assert s.namespaces == () and s.label_selector is None
     assert s.inactivity_timeout_seconds > 60  # longer than the API server's bookmark period
+    assert s.watch_timeout_seconds < s.inactivity_timeout_seconds  # the server ends it first
     assert WatchSettings(resync_seconds=0).resync_seconds == 0  # 0 = never
     with pytest.raises(TypeError):
         WatchInventory("http://127.0.0.1", s)  # type: ignore[arg-type]

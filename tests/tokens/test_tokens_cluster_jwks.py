@@ -1,6 +1,8 @@
 """JWKS mode with the keys of the API server: the double's TokenRequest, OIDC discovery
 and JWKS endpoints through the real kubernetes_asyncio client, key rotation picked up
-through the refetch on an unknown kid, and the client's (rotating) credentials."""
+through the refetch on an unknown kid, the client's (rotating) credentials, discovery
+whose jwks_uri is on the API server's external address (as on a real one), and a
+``--jwks`` URL of the in-cluster API server going through the cluster key source."""
 
 from __future__ import annotations
 
@@ -16,15 +18,17 @@ import jwt
 import pytest
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio.client.exceptions import ApiException
+from tokens_support import JWKSServer
 
+from identityd.app import build_verifier
 from identityd.errors import ConfigError, InvalidToken, KeysUnavailable
 from identityd.kubeapi import KubeConnection, new_api_client
-from identityd.settings import TokenSettings
+from identityd.settings import ClusterSettings, Settings, TokenSettings
 from identityd.tokens.claims import TokenReason
-from identityd.tokens.jwks import JWKSVerifier
-from identityd.tokens.tokenreview import ClusterKeySource, cluster_key_source
+from identityd.tokens.jwks import JWKSVerifier, URLKeySource
+from identityd.tokens.tokenreview import ClusterKeySource, cluster_key_source, jwks_key_source
 from tests.doubles.kube_apiserver import KubeAPIServer
-from tests.doubles.kube_inventory import connection_to
+from tests.doubles.kube_inventory import connection_to, write_kubeconfig
 
 AUDIENCE = "identityd"
 
@@ -162,14 +166,19 @@ async def test_token_endpoints_need_the_bearer_token(
             assert resp.status != 401
 
 
-async def test_discovery_names_the_issuer_and_the_jwks(api: KubeAPIServer) -> None:
+async def test_discovery_names_the_issuer_and_an_external_jwks_uri(api: KubeAPIServer) -> None:
+    """As a real API server: jwks_uri is on its external address (the advertise address
+    or --service-account-jwks-uri), never on the URL a pod talks to; the same keys are
+    served on the in-cluster host."""
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {api.token}"}) as http:
         async with http.get(f"{api.url}/.well-known/openid-configuration") as response:
             document = await response.json()
-        async with http.get(document["jwks_uri"]) as response:
+        async with http.get(f"{api.url}/openid/v1/jwks") as response:
             assert response.content_type == "application/jwk-set+json"
             keys = await response.json(content_type=None)
     assert document["issuer"] == api.tokens.issuer
+    assert document["jwks_uri"] == "https://192.0.2.10:6443/openid/v1/jwks"
+    assert not document["jwks_uri"].startswith(api.url)
     assert [key["kid"] for key in keys["keys"]] == [api.tokens.signer.kid]
 
 
@@ -195,17 +204,126 @@ async def test_jwks_from_the_api_server_verifies_a_token_request_token(
 async def test_discovery_mode_checks_the_issuer(api: KubeAPIServer) -> None:
     token = await request_token(api)
     source = await cluster_key_source(connection_to(api), discovery=True,
-                                      issuer=api.tokens.issuer)
+                                      issuer=api.tokens.issuer, fetch_timeout=1.0)
     async with JWKSVerifier(settings_for(api), source=source) as verifier:
         assert (await verifier.verify(token, now=time.time())).pod_name == "api-1"
-    paths = [r.path for r in api.requests if r.method == "GET"]
-    assert paths == ["/.well-known/openid-configuration", "/openid/v1/jwks"]
+    gets = [r for r in api.requests if r.method == "GET"]
+    assert [r.path for r in gets] == ["/.well-known/openid-configuration", "/openid/v1/jwks"]
+    # The keys come from the host we talk to, with the token: not from the advertised
+    # jwks_uri (192.0.2.10:6443, unreachable from here, as it often is from a pod).
+    assert all(r.headers["Authorization"] == f"Bearer {api.token}" for r in gets)
 
     source = await cluster_key_source(connection_to(api), discovery=True,
                                       issuer="https://elsewhere.example")
     async with JWKSVerifier(settings_for(api), source=source) as verifier:
         with pytest.raises(KeysUnavailable, match="issuer"):
             await verifier.verify(token, now=time.time())
+
+
+async def test_discovery_never_sends_the_token_to_the_advertised_jwks_uri() -> None:
+    """jwks_uri on another origin that would serve the keys to anyone holding the token:
+    it gets no request at all, so the service-account token cannot leak there."""
+    async with JWKSServer() as elsewhere:
+        uri = elsewhere.url("/openid/v1/jwks")
+        async with KubeAPIServer(service_account_jwks_uri=uri) as api:
+            api.add_pod("sports-web", "api-1", service_account="api")
+            elsewhere.routes = {"/openid/v1/jwks": api.tokens.jwks()}
+            token = await request_token(api)
+            source = await cluster_key_source(connection_to(api), discovery=True,
+                                              issuer=api.tokens.issuer)
+            async with JWKSVerifier(settings_for(api), source=source) as verifier:
+                assert (await verifier.verify(token, now=time.time())).pod_name == "api-1"
+            paths = [r.path for r in api.requests if r.method == "GET"]
+    assert paths == ["/.well-known/openid-configuration", "/openid/v1/jwks"]
+    assert elsewhere.hits == []
+
+
+async def test_discovery_mode_fails_closed_on_a_broken_document(api: KubeAPIServer) -> None:
+    api.fail_next(1, 500, path="openid-configuration")
+    source = await cluster_key_source(connection_to(api), discovery=True,
+                                      issuer=api.tokens.issuer)
+    try:
+        with pytest.raises(KeysUnavailable, match="HTTP 500"):
+            await source.fetch()
+    finally:
+        await source.aclose()
+    assert jwks_gets(api) == 0  # no keys without the issuer checked
+
+
+# --- which source mode jwks uses (jwks_key_source, build_verifier) --------------------
+
+
+async def test_a_jwks_url_of_the_in_cluster_api_server_gets_the_cluster_ca_and_token(
+    api: KubeAPIServer, tmp_path: Path,
+) -> None:
+    """The old Deployment's --jwks=https://kubernetes.default.svc/openid/v1/jwks: fetched
+    bare it never loads (no such host here; in a cluster the CA and the 401/403). Now it
+    goes through the cluster connection (here a kubeconfig naming the double)."""
+    token = await request_token(api)
+    settings = Settings(
+        tokens=settings_for(api, jwks="https://kubernetes.default.svc/openid/v1/jwks",
+                            fetch_timeout_seconds=1.0),
+        cluster=ClusterSettings(kubeconfig=write_kubeconfig(tmp_path / "config", api)),
+    )
+    api.requests.clear()
+    verifier = await build_verifier(settings, None)
+    try:
+        assert (await verifier.verify(token, now=time.time())).pod_name == "api-1"
+    finally:
+        await verifier.aclose()
+    (fetch,) = [r for r in api.requests if r.path == "/openid/v1/jwks"]
+    assert fetch.headers["Authorization"] == f"Bearer {api.token}"
+
+
+@pytest.mark.parametrize(
+    ("jwks", "paths"),
+    [
+        (None, ["/openid/v1/jwks"]),
+        ("https://kubernetes.default.svc/openid/v1/jwks", ["/openid/v1/jwks"]),
+        ("https://kubernetes.default.svc.cluster.local:443/.well-known/openid-configuration",
+         ["/.well-known/openid-configuration", "/openid/v1/jwks"]),
+        ("https://10.96.0.1/openid/v1/jwks/", ["/openid/v1/jwks"]),
+    ],
+)
+async def test_jwks_key_source_uses_the_cluster_for_the_api_server(
+    api: KubeAPIServer, jwks: str | None, paths: list[str],
+) -> None:
+    token = await request_token(api)
+    settings = settings_for(api, jwks=jwks)
+    source = await jwks_key_source(settings, connection_to(api), service_host="10.96.0.1")
+    assert isinstance(source, ClusterKeySource)
+    api.requests.clear()
+    async with JWKSVerifier(settings, source=source) as verifier:
+        await verifier.verify(token, now=time.time())
+    assert [r.path for r in api.requests] == paths
+    assert {r.headers["Authorization"] for r in api.requests} == {f"Bearer {api.token}"}
+
+
+async def test_jwks_key_source_discovery_follows_the_setting(api: KubeAPIServer) -> None:
+    settings = settings_for(api, jwks_discovery=True, issuer="https://elsewhere.example")
+    source = await jwks_key_source(settings, connection_to(api))
+    try:
+        with pytest.raises(KeysUnavailable, match="issuer"):
+            await source.fetch()
+    finally:
+        await source.aclose()
+
+
+async def test_jwks_key_source_leaves_other_urls_alone(api: KubeAPIServer) -> None:
+    settings = settings_for(api, jwks="https://oidc.example.com/openid/v1/jwks")
+    source = await jwks_key_source(settings, connection_to(api), service_host="10.96.0.1")
+    assert isinstance(source, URLKeySource)
+    await source.aclose()
+    assert api.requests == []  # no client was built for the cluster
+
+
+async def test_jwks_key_source_refuses_another_path_on_the_api_server(
+    api: KubeAPIServer,
+) -> None:
+    settings = settings_for(api, jwks="https://kubernetes.default.svc/api/v1/secrets")
+    with pytest.raises(ConfigError) as caught:
+        await jwks_key_source(settings, connection_to(api))
+    assert caught.value.code == "TOKENS_JWKS_API_SERVER"
 
 
 async def test_key_rotation_is_picked_up_through_the_refetch(api: KubeAPIServer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from collections.abc import AsyncIterator, Callable
@@ -159,7 +160,8 @@ REFUSED_ALGS: list[tuple[str, Callable[[], str]]] = [
     ("HS256 with the RSA public key", hs256_with_public_pem),
     ("HS512", lambda: jwt.encode(good_claims(), "k" * 64, algorithm="HS512")),
     ("EdDSA", eddsa),
-    ("ES512", header_alg("ES512")),
+    ("ES256K", header_alg("ES256K")),
+    ("PS512", header_alg("PS512")),
     ("PS384", header_alg("PS384")),
     ("rs256 lowercase", header_alg("rs256")),
     ("missing", header_alg(...)),
@@ -227,6 +229,62 @@ CONFUSED: list[tuple[str, Callable[[], str]]] = [
 @pytest.mark.parametrize("build", [pytest.param(b, id=i) for i, b in CONFUSED])
 async def test_alg_must_fit_the_key(verifier: JWKSVerifier, build: Callable[[], str]) -> None:
     assert await reason(verifier, build()) == TokenReason.ALG_NOT_ALLOWED
+
+
+# --- ES512: the API server signs with a P-521 key when given one --------------------
+
+
+@functools.cache
+def p521_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP521R1())
+
+
+def p521_jwk(**extra: Any) -> dict[str, Any]:
+    """The public P-521 key as the API server publishes it (coordinates 66 bytes each)."""
+    point = p521_key().public_key().public_numbers()
+    coordinate = {name: b64url(value.to_bytes(66, "big"))
+                  for name, value in (("x", point.x), ("y", point.y))}
+    return {"kty": "EC", "crv": "P-521", "kid": "p521", "use": "sig", **coordinate, **extra}
+
+
+def p521_source(**extra: Any) -> MemorySource:
+    return MemorySource({"keys": [*all_keys()["keys"], p521_jwk(**extra)]})
+
+
+@pytest.mark.parametrize("jwk_alg", [{}, {"alg": "ES512"}])
+async def test_es512_with_a_p521_key_verifies(jwk_alg: dict[str, str]) -> None:
+    token = sign_with(p521_key(), "ES512", {"alg": "ES512", "kid": "p521"}, good_claims())
+    async with JWKSVerifier(token_settings(), source=p521_source(**jwk_alg)) as verifier:
+        claims = await verifier.verify(token, now=NOW)
+    assert (claims.pod_uid, claims.verified_by) == ("pod-uid-1", "jwks")
+
+
+ES512_CONFUSED: list[tuple[str, Callable[[], str]]] = [
+    ("ES512 header on a P-256 key",
+     lambda: sign_with(es().private_key, "ES256", {"alg": "ES512", **kid_of(es())},
+                       good_claims())),
+    ("ES512 header on a P-384 key",
+     lambda: sign_with(es384().private_key, "ES384", {"alg": "ES512", **kid_of(es384())},
+                       good_claims())),
+    ("ES384 header on the P-521 key",
+     lambda: sign_with(es384().private_key, "ES384", {"alg": "ES384", "kid": "p521"},
+                       good_claims())),
+    ("ES512 header on an RSA key",
+     lambda: sign_with(p521_key(), "ES512", {"alg": "ES512", **kid_of(rs())}, good_claims())),
+]
+
+
+@pytest.mark.parametrize("build", [pytest.param(b, id=i) for i, b in ES512_CONFUSED])
+async def test_es512_must_fit_a_p521_key(build: Callable[[], str]) -> None:
+    async with JWKSVerifier(token_settings(), source=p521_source()) as verifier:
+        assert await reason(verifier, build()) == TokenReason.ALG_NOT_ALLOWED
+
+
+async def test_es512_signature_by_another_p521_key_is_refused() -> None:
+    other = ec.generate_private_key(ec.SECP521R1())
+    token = sign_with(other, "ES512", {"alg": "ES512", "kid": "p521"}, good_claims())
+    async with JWKSVerifier(token_settings(), source=p521_source()) as verifier:
+        assert await reason(verifier, token) == TokenReason.SIGNATURE_INVALID
 
 
 async def test_rs256_on_ps256_jwk_would_otherwise_verify() -> None:

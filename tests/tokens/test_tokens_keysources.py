@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import socket
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from identityd.tokens import (
     key_source_from_settings,
 )
 from identityd.tokens.claims import TokenReason
-from identityd.tokens.jwks import DISCOVERY_PATH, parse_jwks
+from identityd.tokens.jwks import DISCOVERY_PATH, is_api_server_url, parse_jwks
 
 INTERVAL = 30.0
 MAX_AGE = 600.0
@@ -406,15 +407,82 @@ async def test_bad_discovery_document(document: Any, detail: str) -> None:
         ("/etc/identityd/jwks.json", FileKeySource),
         ("jwks.json", FileKeySource),
         ("file:///etc/identityd/jwks.json", FileKeySource),
-        ("https://kubernetes.default.svc/openid/v1/jwks", URLKeySource),
+        ("https://oidc.example.com/openid/v1/jwks", URLKeySource),
         ("http://127.0.0.1:6443/openid/v1/jwks", URLKeySource),
         ("http://[::1]:6443/openid/v1/jwks", URLKeySource),
         ("http://localhost:6443/openid/v1/jwks", URLKeySource),
-        ("https://kubernetes.default.svc/.well-known/openid-configuration", DiscoveryKeySource),
+        ("https://oidc.example.com/.well-known/openid-configuration", DiscoveryKeySource),
+        # Looks like the API server's name, is not: a bare fetch is right for it.
+        ("https://kubernetes.example.com/openid/v1/jwks", URLKeySource),
+        ("https://10.96.0.2/openid/v1/jwks", URLKeySource),
     ],
 )
 def test_source_from_settings(jwks: str, kind: type) -> None:
-    assert isinstance(key_source_from_settings(token_settings(jwks=jwks)), kind)
+    source = key_source_from_settings(token_settings(jwks=jwks), service_host="10.96.0.1")
+    assert isinstance(source, kind)
+
+
+API_SERVER_URLS = [
+    "https://kubernetes.default.svc/openid/v1/jwks",
+    "https://kubernetes.default.svc.cluster.local/openid/v1/jwks",
+    "https://kubernetes.default.svc.corp.internal./openid/v1/jwks",
+    "https://KUBERNETES.default.SVC:443/.well-known/openid-configuration",
+    "https://kubernetes.default/openid/v1/jwks",
+    "https://kubernetes/openid/v1/jwks",
+    "https://10.96.0.1/openid/v1/jwks",  # $KUBERNETES_SERVICE_HOST
+    "https://10.96.0.1:443/.well-known/openid-configuration",
+]
+
+
+@pytest.mark.parametrize("jwks", API_SERVER_URLS)
+def test_a_bare_fetch_from_the_in_cluster_api_server_is_refused(jwks: str) -> None:
+    """Without the cluster CA and a token the fetch could only fail (TLS, then 401/403):
+    refused at start-up, naming the way that works."""
+    with pytest.raises(ConfigError) as caught:
+        key_source_from_settings(token_settings(jwks=jwks), service_host="10.96.0.1")
+    assert caught.value.code == "TOKENS_JWKS_API_SERVER"
+    assert "--jwks unset" in caught.value.detail
+
+
+@pytest.mark.parametrize("jwks", API_SERVER_URLS[:2])
+def test_the_in_cluster_api_server_with_a_ca_and_a_token_is_allowed(jwks: str) -> None:
+    source = key_source_from_settings(
+        token_settings(jwks=jwks), ssl=ssl.create_default_context(),
+        headers=lambda: {"Authorization": "Bearer t"}, service_host="10.96.0.1")
+    assert isinstance(source, URLKeySource)
+
+
+def test_the_service_host_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = token_settings(jwks="https://[fd00::1]:443/openid/v1/jwks")
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert isinstance(key_source_from_settings(settings), URLKeySource)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "fd00:0::1")
+    with pytest.raises(ConfigError, match="in-cluster API server"):
+        key_source_from_settings(settings)
+
+
+@pytest.mark.parametrize(
+    ("url", "service_host", "expected"),
+    [
+        ("https://kubernetes.default.svc/openid/v1/jwks", None, True),
+        ("http://kubernetes.default.svc.cluster.local:6443/x", None, True),
+        ("https://10.96.0.1/openid/v1/jwks", "10.96.0.1", True),
+        ("https://[fd00::1]/openid/v1/jwks", "fd00::1", True),
+        ("https://[fd00::1]/openid/v1/jwks", "[fd00::1]", True),
+        ("https://api.internal/openid/v1/jwks", "API.internal", True),
+        ("https://10.96.0.1/openid/v1/jwks", None, False),
+        ("https://10.96.0.2/openid/v1/jwks", "10.96.0.1", False),
+        # Under any cluster domain: treated as the API server, so the keys come from the
+        # client's own host with its token, never from whoever holds that name elsewhere.
+        ("https://kubernetes.default.svc.evil.example/jwks", None, True),
+        ("https://evil.example/kubernetes.default.svc", None, False),
+        ("https://kubernetesxdefault.svc/jwks", None, False),
+        ("file:///kubernetes.default.svc/jwks", None, False),
+        ("/etc/identityd/jwks.json", "10.96.0.1", False),
+    ],
+)
+def test_is_api_server_url(url: str, service_host: str | None, expected: bool) -> None:
+    assert is_api_server_url(url, service_host=service_host) is expected
 
 
 @pytest.mark.parametrize(
@@ -472,7 +540,8 @@ SKIPPED: list[tuple[str, Any]] = [
             "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo",
         },
     ),
-    ("P-521", ec_jwk(ec.SECP521R1(), kid="p521")),
+    ("secp256k1", {**ec_jwk(kid="k1"), "crv": "secp256k1"}),
+    ("ES512 on P-384", ec_jwk(ec.SECP384R1(), kid="mix-521", alg="ES512")),
     ("HS256 alg on RSA", rsa_jwk(kid="hs", alg="HS256")),
     ("alg is a list", rsa_jwk(kid="list", alg=["RS256"])),
     ("alg of the other family", rsa_jwk(kid="mix", alg="ES256")),
@@ -508,6 +577,7 @@ def test_good_keys() -> None:
                 rsa_jwk(kid="no-use"),
                 {**rsa_jwk(kid="pad"), "e": "AQAB=="},
                 rsa_jwk(kid=None),
+                ec_jwk(ec.SECP521R1(), kid="p521"),
             ]
         }
     )
@@ -519,10 +589,20 @@ def test_good_keys() -> None:
         "no-use",
         "pad",
         None,
+        "p521",
     ]
-    assert [key.fits("RS256") for key in keys] == [True, False, False, True, True, True, True]
-    assert [key.fits("PS256") for key in keys] == [False, False, False, True, True, True, True]
-    assert [key.fits("ES384") for key in keys] == [False, False, True, False, False, False, False]
+    assert [key.fits("RS256") for key in keys] == [True, False, False, True, True, True, True,
+                                                   False]
+    assert [key.fits("PS256") for key in keys] == [False, False, False, True, True, True, True,
+                                                   False]
+    assert [key.fits("ES384") for key in keys] == [False, False, True, False, False, False, False,
+                                                   False]
+    assert [key.fits("ES512") for key in keys] == [False] * 7 + [True]
+
+
+def test_a_p521_coordinate_of_the_wrong_length_is_skipped() -> None:
+    short = {**ec_jwk(ec.SECP521R1(), kid="p521"), "x": b64(5, 65)}
+    assert [key.kid for key in parse_jwks({"keys": [GOOD_RSA, short]})] == ["good-rsa"]
 
 
 @pytest.mark.parametrize("document", [None, [], "keys", {"keys": "x"}, {"keys": {}}, {}])
