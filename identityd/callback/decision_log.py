@@ -24,7 +24,7 @@ class DecisionRecord:
     client_ip: str = ""
     token_pod: str = ""  # namespace/name from the verified token
     csr_key_sha256: str = ""
-    decision: str = "error"  # allow | deny | bad_request | unavailable
+    decision: str = "error"  # allow | deny | bad_request | unavailable | client_closed
     status: int = 500
     reasons: list[str] = field(default_factory=list)
     stages_ms: dict[str, float] = field(default_factory=dict)

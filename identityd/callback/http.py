@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from identityd.callback.answer import allow_document
 from identityd.callback.decision_log import DecisionLog, DecisionRecord
 from identityd.callback.limits import Limiter
 from identityd.callback.pipeline import Outcome, Pipeline
@@ -50,6 +51,19 @@ MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
 ALLOWED_CLIENTS_KEY = web.AppKey("allowed_clients", frozenset)
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
 LIMITER_KEY = web.AppKey("limiter", Limiter)
+CLIENT_CLOSED_STATUS = 499
+
+
+class ClientClosed(IdentitydError):
+    """The client's connection went away while it was sending its body.
+
+    Nobody is left to answer and nothing failed on our side: not a 500, no
+    traceback, one decision record. The status is nginx's 499 "client closed
+    request", which no client ever receives (it is for the decision log and
+    the metrics only)."""
+
+    status = CLIENT_CLOSED_STATUS
+    default_code = "CLIENT_CLOSED"
 
 
 def error_body(status: int, message: str) -> web.Response:
@@ -129,8 +143,9 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     if request.content_type != "application/json":
         raise BadRequest("BAD_CONTENT_TYPE", "Content-Type must be application/json")
     body = bytearray()
+    deadline = asyncio.timeout(BODY_READ_TIMEOUT_SECONDS)
     try:
-        async with asyncio.timeout(BODY_READ_TIMEOUT_SECONDS):
+        async with deadline:
             async for chunk in request.content.iter_chunked(16384):
                 body.extend(chunk)
                 if len(body) > limit:
@@ -138,29 +153,29 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     except web.RequestPayloadError:
         # e.g. Content-Encoding: gzip over bytes that are not gzip
         raise BadRequest("BAD_BODY", "the body could not be read") from None
-    except TimeoutError:
-        raise BadRequest(
-            "BODY_TIMEOUT", f"body not received within {BODY_READ_TIMEOUT_SECONDS}s"
+    except OSError as exc:
+        # Our deadline raises TimeoutError, an OSError too; any other OSError is
+        # what aiohttp's connection_lost hands the body stream: ConnectionResetError
+        # ("Connection lost" on a FIN, ECONNRESET on a reset), or the transport's
+        # own error (a TLS error, ETIMEDOUT, which is a TimeoutError as well).
+        if deadline.expired():
+            raise BadRequest(
+                "BODY_TIMEOUT", f"body not received within {BODY_READ_TIMEOUT_SECONDS}s"
+            ) from None
+        raise ClientClosed(
+            "CLIENT_CLOSED", f"connection lost after {len(body)} body bytes ({type(exc).__name__})"
         ) from None
     return bytes(body)
 
 
 def allow_response(outcome: Outcome) -> web.Response:
-    """Echo the InstanceConfirmation with the attributes the CA reads set."""
-    req = outcome.request
-    attributes = dict(req.attributes)
-    attributes.update(outcome.decision.attributes)
-    body = {
-        "provider": req.provider,
-        "domain": req.domain,
-        "service": req.service,
-        "attestationData": req.attestation_data,
-        "attributes": attributes,
-    }
-    return web.json_response(body, status=200)
+    """The InstanceConfirmation with only echo-safe and granted attributes (see answer.py)."""
+    return web.json_response(allow_document(outcome.request, outcome.decision), status=200)
 
 
 def _result(exc: IdentitydError) -> str:
+    if isinstance(exc, ClientClosed):
+        return "client_closed"
     if isinstance(exc, Denied):
         return "deny"
     if isinstance(exc, Unavailable):
@@ -199,10 +214,19 @@ def callback_handler(kind: str) -> Handler:
         except web.HTTPRequestEntityTooLarge:
             record.decision, record.status, record.reasons = "bad_request", 413, ["BODY_TOO_LARGE"]
             raise
+        except asyncio.CancelledError:
+            # A server run with handler_cancellation (aiohttp's TestServer is) cancels
+            # the handler when the client goes away, at any stage: the same outcome.
+            if request.transport is None or request.transport.is_closing():
+                record.decision, record.status = "client_closed", CLIENT_CLOSED_STATUS
+                record.reasons = ["CLIENT_CLOSED: connection lost, handler cancelled"]
+                metrics.reasons.labels(code="CLIENT_CLOSED").inc()
+            raise
         finally:
             record.latency_ms = (time.perf_counter() - record.started) * 1000.0
             metrics.decisions.labels(kind=kind, result=record.decision).inc()
-            metrics.latency.labels(kind=kind).observe(record.latency_ms / 1000.0)
+            if record.decision != "client_closed":  # nobody was answered
+                metrics.latency.labels(kind=kind).observe(record.latency_ms / 1000.0)
             for stage, ms in record.stages_ms.items():
                 if stage in ("token", "csr", "inventory", "policy"):
                     metrics.stage.labels(stage=stage).observe(ms / 1000.0)

@@ -24,6 +24,7 @@ from cryptography.x509.oid import NameOID
 
 from identityd.errors import BadRequest, InvalidCSR
 from identityd.keys.csr_info import CSRInfo
+from identityd.keys.key_checks import check_public_key, csr_spki_der
 from identityd.keys.key_info import SOURCE_CSR_PUBLIC_KEY, KeyInfo
 from identityd.settings import MAX_CSR_BYTES, MAX_SAN_ENTRIES
 
@@ -32,6 +33,8 @@ PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519Pri
 
 # The second label is what old Netscape and Microsoft tools write.
 _PEM_LABELS = ("CERTIFICATE REQUEST", "NEW CERTIFICATE REQUEST")
+# ZTS sends a SubjectPublicKeyInfo; PKCS#1 is read too (an RSA key only).
+_PUBLIC_KEY_LABELS = ("PUBLIC KEY", "RSA PUBLIC KEY")
 _PEM_BLOCK = re.compile(
     r"-----BEGIN (?P<label>[A-Z0-9 ]+)-----\r?\n(?P<body>.*?)-----END (?P=label)-----", re.DOTALL
 )
@@ -55,15 +58,17 @@ def parse_csr(pem: str) -> CSRInfo:
     """Parse and verify one PEM CSR.
 
     Raises ``BadRequest("BAD_CSR")`` for anything malformed, oversized or
-    ambiguous, and ``InvalidCSR("CSR_SIGNATURE_INVALID")`` when the
-    self-signature does not verify. Weak keys parse fine: policy judges them.
+    ambiguous, or whose key is broken or not canonically encoded (see
+    key_checks; checked before the signature), and
+    ``InvalidCSR("CSR_SIGNATURE_INVALID")`` when the self-signature does not
+    verify. Weak keys parse fine: policy judges them.
     """
     if not isinstance(pem, str):
         raise TypeError(f"pem: expected str, got {type(pem).__name__}")
     der = _pem_to_der(pem)
     try:
         csr = x509.load_der_x509_csr(der)
-        info = _read(csr)
+        info = _read(csr, der)
         signature_ok = csr.is_signature_valid
     except BadRequest:
         raise
@@ -76,30 +81,31 @@ def parse_csr(pem: str) -> CSRInfo:
     return info
 
 
-def _pem_to_der(pem: str) -> bytes:
+def _pem_to_der(pem: str, labels: Sequence[str] = _PEM_LABELS, code: str = "BAD_CSR") -> bytes:
+    """The DER of the one PEM block in ``pem`` whose label is one of ``labels``."""
     # Checked on characters before any work; non-ASCII is refused, so chars == bytes.
     if len(pem) > MAX_CSR_BYTES:
-        raise _bad(f"CSR larger than {MAX_CSR_BYTES} bytes")
+        raise BadRequest(code, f"PEM larger than {MAX_CSR_BYTES} bytes")
     if not pem.isascii():
-        raise _bad("CSR contains non-ASCII characters")
+        raise BadRequest(code, "PEM contains non-ASCII characters")
     if len(_ANY_BEGIN.findall(pem)) != 1:
-        raise _bad("expected exactly one PEM block")
+        raise BadRequest(code, "expected exactly one PEM block")
     match = _PEM_BLOCK.search(pem)
-    if match is None or match["label"] not in _PEM_LABELS:
-        raise _bad("not a PEM CERTIFICATE REQUEST")
+    if match is None or match["label"] not in labels:
+        raise BadRequest(code, f"not a PEM {' or '.join(labels)}")
     # Only whitespace may surround the block: a CSR is not a place for prose.
     if pem[: match.start()].strip() or pem[match.end() :].strip():
-        raise _bad("unexpected text around the PEM block")
+        raise BadRequest(code, "unexpected text around the PEM block")
     body = "".join(match["body"].split())
     if not body:
-        raise _bad("empty PEM block")
+        raise BadRequest(code, "empty PEM block")
     try:
         return base64.b64decode(body, validate=True)
     except binascii.Error as exc:
-        raise _bad("broken base64 in the PEM block") from exc
+        raise BadRequest(code, "broken base64 in the PEM block") from exc
 
 
-def _read(csr: x509.CertificateSigningRequest) -> CSRInfo:
+def _read(csr: x509.CertificateSigningRequest, der: bytes) -> CSRInfo:
     _check_name(csr.subject, "subject")
     cn = _common_name(csr.subject)
     dns, ips, uris, other = _sans(csr)
@@ -108,6 +114,8 @@ def _read(csr: x509.CertificateSigningRequest) -> CSRInfo:
     if facts is None:
         raise _bad(f"unsupported key type {type(public_key).__name__}")
     key_type, key_bits, curve = facts
+    # The same rules as for csrPublicKey, on the key exactly as the CSR carries it.
+    spki = check_public_key(public_key, csr_spki_der(der), code="BAD_CSR")
     return CSRInfo(
         cn=cn,
         dns=dns,
@@ -117,7 +125,7 @@ def _read(csr: x509.CertificateSigningRequest) -> CSRInfo:
         key_type=key_type,
         key_bits=key_bits,
         curve=curve,
-        public_key_sha256=public_key_sha256(public_key),
+        public_key_sha256=hashlib.sha256(spki).hexdigest(),
         subject=csr.subject.rfc4514_string(),
     )
 
@@ -326,27 +334,27 @@ def public_key_sha256(public_key: PublicKeyTypes) -> str:
 def parse_public_key(pem: str) -> KeyInfo:
     """Read ZTS's ``csrPublicKey`` (the PEM public key it will certify) into a KeyInfo.
 
-    Raises ``BadRequest("BAD_CSR_PUBLIC_KEY")`` when it is not a PEM public key.
-    Weak keys and other key types parse fine: policy judges them.
+    Raises ``BadRequest("BAD_CSR_PUBLIC_KEY")`` when it is not one PEM public key
+    (``PUBLIC KEY``, or PKCS#1 ``RSA PUBLIC KEY``), or the key is broken or not
+    canonically encoded (see key_checks). Weak keys and other key types parse
+    fine: policy judges them.
     """
     if not isinstance(pem, str):
         raise TypeError(f"pem: expected str, got {type(pem).__name__}")
-    if len(pem) > MAX_CSR_BYTES or not pem.isascii():
-        raise BadRequest("BAD_CSR_PUBLIC_KEY", "csrPublicKey is not an ASCII PEM public key")
+    der = _pem_to_der(pem, _PUBLIC_KEY_LABELS, "BAD_CSR_PUBLIC_KEY")
     try:
-        key = serialization.load_pem_public_key(pem.encode("ascii"))
-        facts = _any_key_facts(key)
-        fingerprint = public_key_sha256(key)
+        key = serialization.load_der_public_key(der)
     except Exception:  # noqa: BLE001 - cryptography raises several types; all mean "not a key"
-        raise BadRequest("BAD_CSR_PUBLIC_KEY", "csrPublicKey is not a PEM public key") from None
+        raise BadRequest("BAD_CSR_PUBLIC_KEY", "csrPublicKey is not a public key") from None
+    facts = _any_key_facts(key)
     if facts is None:
         raise BadRequest("BAD_CSR_PUBLIC_KEY", f"unsupported key type {type(key).__name__}")
+    spki = check_public_key(key, der, code="BAD_CSR_PUBLIC_KEY")
     key_type, key_bits, curve = facts
     return KeyInfo(
         source=SOURCE_CSR_PUBLIC_KEY,
         key_type=key_type,
         key_bits=key_bits,
         curve=curve,
-        public_key_sha256=fingerprint,
+        public_key_sha256=hashlib.sha256(spki).hexdigest(),
     )
-

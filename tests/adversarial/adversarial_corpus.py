@@ -11,6 +11,7 @@ Nothing here may be allowed: the expected status is never 200.
 
 from __future__ import annotations
 
+from tests.adversarial.adversarial_keys import key_abuse
 from tests.adversarial.adversarial_requests import (
     identity_confusion,
     protocol_abuse,
@@ -31,6 +32,7 @@ def corpus() -> list[Case]:
         *san_abuse(),
         *stale_identity(),
         *protocol_abuse(),
+        *key_abuse(),
     ]
     names = [c.name for c in cases]
     duplicates = {n for n in names if names.count(n) > 1}

@@ -26,14 +26,19 @@ from typing import Any, TypeVar
 
 import aiohttp
 import jwt
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from identityd.app import build_edges, create_app
+from identityd.callback.decision_log import DecisionLog
 from identityd.devca.workload import DEV_ISSUER, DevCluster, DevPod
 from identityd.keys.csr import PrivateKey, generate_key
 from identityd.keys.issuer import TokenIssuer, thumbprint
+from identityd.metrics import Metrics
+from identityd.settings import Settings
 from tests.conftest import Service, make_settings, start_service
 
 T = TypeVar("T")
@@ -130,11 +135,7 @@ async def serve_world(world: World, directory: Path) -> AsyncIterator[Service]:
 
     The client opens a fresh connection per request: a request the server answers
     by closing its connection must not turn the next one into a disconnect."""
-    settings = make_settings(world.cluster, directory)
-    settings = replace(
-        settings, tokens=replace(settings.tokens, max_age_seconds=MAX_TOKEN_AGE_SECONDS)
-    )
-    server, svc = await start_service(settings)
+    server, svc = await start_service(_world_settings(world, directory))
     await svc.http.close()
     svc.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
     try:
@@ -143,6 +144,44 @@ async def serve_world(world: World, directory: Path) -> AsyncIterator[Service]:
         await svc.http.close()
         await server.close()
         await svc.edges.aclose()
+
+
+@asynccontextmanager
+async def serve_world_as_in_production(world: World, directory: Path) -> AsyncIterator[Service]:
+    """As :func:`serve_world`, but served by a ``web.AppRunner`` as ``identityd serve``
+    serves it. The difference that matters: aiohttp's TestServer cancels a handler
+    whose client goes away (``handler_cancellation=True``); ``identityd serve`` does
+    not, and the handler's body read fails instead."""
+    settings = _world_settings(world, directory)
+    metrics = Metrics()
+    edges = await build_edges(settings, metrics)
+    app = create_app(settings, edges, metrics=metrics, decision_log=DecisionLog())
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port = runner.addresses[0][1]
+        http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+        try:
+            yield Service(
+                url=f"http://127.0.0.1:{port}",
+                http=http,
+                settings=settings,
+                edges=edges,
+                metrics=metrics,
+            )
+        finally:
+            await http.close()
+    finally:
+        await runner.cleanup()
+        await edges.aclose()
+
+
+def _world_settings(world: World, directory: Path) -> Settings:
+    settings = make_settings(world.cluster, directory)
+    return replace(
+        settings, tokens=replace(settings.tokens, max_age_seconds=MAX_TOKEN_AGE_SECONDS)
+    )
 
 
 # --- corpus cases ---------------------------------------------------------------------
@@ -154,6 +193,7 @@ CATEGORIES = (
     "SAN abuse",
     "stale identity",
     "protocol abuse",
+    "key abuse",
 )
 
 

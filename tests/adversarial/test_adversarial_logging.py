@@ -1,5 +1,6 @@
 """`identityd serve` as a real process: requests the HTTP parser refuses (framing lies)
-never put the bearer token they carry into the process's logs.
+never put the bearer token they carry into the process's logs; clients that go away
+mid-body are one decision record each, not a traceback and a fake 500.
 
 aiohttp logs a framing error at ERROR with the exception, and the exception's
 message quotes the offending request bytes: a whole token when the body holds one.
@@ -7,6 +8,8 @@ message quotes the offending request bytes: a whole token when the body holds on
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -21,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from identityd.devca.workload import DevCluster
-from tests.adversarial.adversarial_world import raw_request
+from tests.adversarial.adversarial_disconnects import disconnect, disconnects
+from tests.adversarial.adversarial_world import build_world, raw_request
 from tests.conftest import POLICIES, REPO
 
 pytestmark = pytest.mark.slow
@@ -52,11 +56,9 @@ def _wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise AssertionError("identityd serve did not become ready")
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, DevCluster]]:
-    cluster = DevCluster()
-    cluster.add_pod("sports-web", "api-1", "api", "10.1.2.3")
-    pods, jwks = cluster.write(tmp_path)
+@contextlib.contextmanager
+def _serve(cluster: DevCluster, directory: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    pods, jwks = cluster.write(directory)
     port = _free_port()
     env = {
         **os.environ,
@@ -85,7 +87,7 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, DevCl
     )
     try:
         _wait_ready(port, proc)
-        yield proc, port, cluster
+        yield proc, port
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -94,6 +96,14 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, DevCl
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, DevCluster]]:
+    cluster = DevCluster()
+    cluster.add_pod("sports-web", "api-1", "api", "10.1.2.3")
+    with _serve(cluster, tmp_path) as (proc, port):
+        yield proc, port, cluster
 
 
 def _send(port: int, message: bytes) -> bytes:
@@ -125,3 +135,41 @@ def test_framing_errors_never_log_the_token(
     signature = token.split(".")[2]
     assert signature[:24] not in logs  # ... without the token
     assert token.split(".")[1][:24] not in logs
+
+
+# Each disconnect case this many times: a flood in miniature.
+DISCONNECT_ROUNDS = 5
+
+
+def test_clients_gone_mid_body_are_records_not_tracebacks(tmp_path: Path) -> None:
+    """The red team's finding, end to end: before, each of these was an ERROR
+    "unexpected error" with a 21-line traceback on stderr and a decision record
+    "decision":"error","status":500 on stdout, counted as an error in the metrics."""
+    world = build_world(DevCluster())
+    cases = disconnects()
+    with _serve(world.cluster, tmp_path) as (proc, port):
+
+        async def flood() -> None:
+            for _ in range(DISCONNECT_ROUNDS):
+                for case in cases:
+                    assert await disconnect(port, case.build(world, "gone"), case.how) == b""
+
+        asyncio.run(flood())
+        legit = json.dumps(world.confirmation(csr=False)).encode()
+        assert b" 200 " in _send(port, raw_request("/instance", legit)[0]).split(b"\r\n", 1)[0]
+        time.sleep(0.2)  # the last reset may still be on its way to the handler
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    stdout, stderr = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+    records = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    gone = [r for r in records if r["request_id"] == "gone"]
+    assert len(gone) == DISCONNECT_ROUNDS * len(cases)
+    assert {(r["decision"], r["status"]) for r in gone} == {("client_closed", 499)}
+    assert [r for r in records if r["decision"] == "error" or r["status"] >= 500] == []
+    assert "Traceback" not in stderr and "unexpected error" not in stderr
+    assert [line for line in stderr.splitlines() if " ERROR " in line or " WARNING " in line] == []
+    expected = f'identityd_decisions_total{{kind="instance",result="client_closed"}} {len(gone)}.0'
+    assert expected in metrics
+    assert 'result="error"' not in metrics
