@@ -46,7 +46,8 @@ class Metrics:
         r = self.registry
         self.decisions = Counter(
             "identityd_decisions_total",
-            "Callback answers by kind and result (allow, deny, bad_request, unavailable).",
+            "Callback answers by kind and result (allow, deny, bad_request, unavailable, "
+            "error, client_closed: the client left before its answer).",
             ["kind", "result"],
             registry=r,
         )
