@@ -50,6 +50,31 @@ violations contains msg if {
 	])
 }
 
+# The request's names must be valid Athenz names (ZTS's InstanceConfirmation: domain
+# is a DomainName, service a SimpleName). Matching the token is not enough: a
+# Kubernetes service account may contain dots, and domain "sports" with service
+# "web.api" has the same CN, sports.web.api, as service "api" of domain
+# "sports.web". str() gives "" for an absent or non-string value, which does not
+# match, so regex.match only ever sees a string. fast.rego checks the same sets
+# with cheaper builtins; the fast-path tests hold the two to each other.
+violations contains msg if {
+	got := str(req, "domain")
+	not regex.match(`^[a-zA-Z0-9_][a-zA-Z0-9_-]*(\.[a-zA-Z0-9_][a-zA-Z0-9_-]*)*$`, got)
+	msg := concat("", [
+		"DOMAIN_NAME_INVALID: request domain '", got,
+		"' is not an Athenz domain name (simple names joined by '.')",
+	])
+}
+
+violations contains msg if {
+	got := str(req, "service")
+	not regex.match(`^[a-zA-Z0-9_][a-zA-Z0-9_-]*$`, got)
+	msg := concat("", [
+		"SERVICE_NAME_INVALID: request service '", got,
+		"' is not an Athenz simple name ([a-zA-Z0-9_][a-zA-Z0-9_-]*, no '.')",
+	])
+}
+
 request_instance_id := str(attrs, "instanceId")
 
 violations contains "INSTANCE_ID_MISSING: attribute instanceId is absent or empty" if {

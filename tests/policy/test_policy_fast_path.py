@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -60,23 +61,27 @@ def _with(base: str, *changes: tuple[Path_, object]) -> dict[str, Any]:
     return doc
 
 
-def _built_by_identityd(csr_kind: str, *, with_csr: bool = True) -> dict[str, Any]:
+def _built_by_identityd(
+    csr_kind: str, *, with_csr: bool = True, namespace: str = "sports-web",
+    domain: str = "sports.web", service: str = "api",
+) -> dict[str, Any]:
     """An input as identityd's own builder makes it from a real key: a CSR and
     csrPublicKey as the dev CA sends them, or csrPublicKey alone as ZTS usually does."""
     key = generate_key(csr_kind)
     sans = {
-        "dns": ["api.sports-web.k8s.example.com", f"{UID}.instanceid.athenz.k8s.example.com"],
+        "dns": [f"{service}.{namespace}.k8s.example.com",
+                f"{UID}.instanceid.athenz.k8s.example.com"],
         "ips": ["10.1.2.3"],
-        "uris": ["spiffe://sports.web/sa/api", f"athenz://instanceid/sys.auth.k8s/{UID}"],
+        "uris": [f"spiffe://{domain}/sa/{service}", f"athenz://instanceid/sys.auth.k8s/{UID}"],
     }
     pem = build_csr(
-        key, cn="sports.web.api", dns=sans["dns"], ips=sans["ips"], uris=sans["uris"],
+        key, cn=f"{domain}.{service}", dns=sans["dns"], ips=sans["ips"], uris=sans["uris"],
     )
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     ).decode()
     body = {
-        "provider": "sys.auth.k8s", "domain": "sports.web", "service": "api",
+        "provider": "sys.auth.k8s", "domain": domain, "service": service,
         "attestationData": "a.b.c",
         "attributes": {
             "instanceId": UID, "clientIP": "10.1.2.3", "sanDNS": ",".join(sans["dns"]),
@@ -87,12 +92,12 @@ def _built_by_identityd(csr_kind: str, *, with_csr: bool = True) -> dict[str, An
     request: CallbackRequest = parse_request("instance", json.dumps(body).encode())
     claims = TokenClaims(
         issuer="https://kubernetes.default.svc", audience=("identityd",),
-        subject="system:serviceaccount:sports-web:api", namespace="sports-web",
-        service_account="api", service_account_uid="sa-uid", pod_name="api-7d9f", pod_uid=UID,
+        subject=f"system:serviceaccount:{namespace}:{service}", namespace=namespace,
+        service_account=service, service_account_uid="sa-uid", pod_name="api-7d9f", pod_uid=UID,
         node_name="node-1", node_uid="node-uid", issued_at=1000, expires_at=4600, not_before=1000,
     )
     pod = PodRecord(
-        uid=UID, namespace="sports-web", name="api-7d9f", service_account="api",
+        uid=UID, namespace=namespace, name="api-7d9f", service_account=service,
         phase="Running", ips=("10.1.2.3",), node_name="node-1", labels={"app": "api"},
     )
     csr = parse_csr(pem) if with_csr else None
@@ -124,6 +129,16 @@ LEGITIMATE: dict[str, dict[str, Any]] = {
         (("csr", "dns"), ["*.api.sports-web.k8s.example.com"]),
         (("request", "attributes", "sanURI"), ["spiffe://cluster.local/ns/sports-web/sa/api"]),
         (("csr", "uris"), ["spiffe://cluster.local/ns/sports-web/sa/api"]),
+    ),
+    "uppercase and underscore service (an Athenz simple name)": _with(
+        "allow",
+        *[((section, "service_account"), "_Web_API-2") for section in ("token", "pod")],
+        (("request", "service"), "_Web_API-2"),
+        (("request", "attributes", "sanDNS"), ["_Web_API-2.sports-web.k8s.example.com"]),
+        (("csr", "dns"), ["_Web_API-2.sports-web.k8s.example.com"]),
+        (("request", "attributes", "sanURI"), ["spiffe://sports.web/sa/_Web_API-2"]),
+        (("csr", "uris"), ["spiffe://sports.web/sa/_Web_API-2"]),
+        (("csr", "cn"), "sports.web._Web_API-2"),
     ),
     "shorter lifetime asked by the pod": _with(
         "allow", (("pod", "annotations"), {"identityd.io/cert-expiry-minutes": "60"})),
@@ -184,6 +199,21 @@ async def test_other_shapes_are_decided_by_the_checks(
 
 
 @in_module_loop
+async def test_dotted_service_account_is_denied_with_the_shortcut_too(
+    engines: dict[str, EmbeddedEngine],
+) -> None:
+    # Service account web.api in namespace sports asks for the CN sports.web.api, the
+    # CN of service api in domain sports.web: every other check passes.
+    doc = _built_by_identityd("EC", namespace="sports", domain="sports", service="web.api")
+    assert doc["csr"]["cn"] == "sports.web.api"
+    for name in ("with", "without"):
+        decision = await engines[name].evaluate(doc)
+        assert not decision.allow
+        assert decision.codes == ("SERVICE_NAME_INVALID",), decision.reasons
+    assert CONTRACT.check(doc) is False
+
+
+@in_module_loop
 async def test_every_case_decides_the_same_without_the_shortcut(
     engines: dict[str, EmbeddedEngine],
 ) -> None:
@@ -221,6 +251,9 @@ class Contract:
         interpreter.set_input(doc)
         text = str(interpreter.query_bundle_entrypoint(bundle, path))
         return None if text == "undefined" else json.loads(text)["expressions"][0]
+
+    def violations(self, doc: dict[str, Any]) -> list[str]:
+        return list(self._value(self._violations, doc))
 
     def check(self, doc: dict[str, Any]) -> bool:
         """Whether fast_allow holds; fails the test if it does with a violation."""
@@ -335,6 +368,55 @@ def test_compared_fields_changed_together_keep_the_contract(twins: tuple[Path_, 
         for path in twins:
             doc = _changed(doc, path, "replace", value)
         CONTRACT.check(doc)
+
+
+# Athenz names (identity.rego, fast.rego): the checks match the request's domain and
+# service against Athenz's patterns, the shortcut against the same sets without a regex.
+# A world where the token, the pod, the request, the SANs and the CN all agree on one
+# namespace and service account, so the names are the only thing left to decide on.
+SIMPLE_NAME = r"[a-zA-Z0-9_][a-zA-Z0-9_-]*"
+DOMAIN_NAME = rf"{SIMPLE_NAME}(\.{SIMPLE_NAME})*"
+NAMESPACES = [
+    "sports-web", "sports", "Sports-Web--", "sports---web", "a--b", "a.b", "a_b", "sports-",
+    "-sports", "--sports", "sports.", "a..b", "a b", "a/b", "a:b", "-", ".",
+]
+SERVICES = [
+    "api", "_", "_Web_API-2", "api-", "9", "web.api", "-api", "a b", "api*", "a/b", "a:b", ".",
+    "api.", ".api", "api%", "api@x",
+]
+
+
+def _named(namespace: str, service: str) -> dict[str, Any]:
+    domain = namespace.replace("--", "_").replace("-", ".").replace("_", "-")
+    dns = [f"{UID}.instanceid.athenz.k8s.example.com"]
+    uris = [f"athenz://instanceid/sys.auth.k8s/{UID}"]
+    return _with(
+        "allow",
+        *[((section, "namespace"), namespace) for section in ("token", "pod")],
+        *[((section, "service_account"), service) for section in ("token", "pod")],
+        (("request", "domain"), domain), (("request", "service"), service),
+        (("request", "attributes", "sanDNS"), dns), (("csr", "dns"), dns),
+        (("request", "attributes", "sanURI"), uris), (("csr", "uris"), uris),
+        (("csr", "cn"), f"{domain}.{service}"),
+    )
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_athenz_names_decide_the_shortcut_and_the_checks_alike(namespace: str) -> None:
+    for service in SERVICES:
+        doc = _named(namespace, service)
+        domain = doc["request"]["domain"]
+        expected = {
+            code for code, valid in (
+                ("DOMAIN_NAME_INVALID", re.fullmatch(DOMAIN_NAME, domain)),
+                ("SERVICE_NAME_INVALID", re.fullmatch(SIMPLE_NAME, service)),
+            ) if not valid
+        }
+        codes = {v.split(":", 1)[0] for v in CONTRACT.violations(doc)}
+        assert codes == expected, (namespace, service)
+        # Exact on this family: vouches for every valid pair (so such pods stay on
+        # the shortcut), and for no invalid one.
+        assert CONTRACT.check(doc) == (not expected), (namespace, service)
 
 
 @st.composite
