@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import logging
 import os
 import ssl
 from dataclasses import dataclass
@@ -38,10 +40,12 @@ from identityd.policy.embedded import EmbeddedEngine
 from identityd.policy.leader import LeaderElectionSettings, LeaderElector, new_identity
 from identityd.policy.opa import OPAEngine
 from identityd.policy.reload import DirectorySource, PolicyReloader, ReloadOutcome
-from identityd.settings import DEFAULT_POLICY_RELOAD_SECONDS, Settings
+from identityd.settings import DEFAULT_POLICY_RELOAD_SECONDS, Settings, host_port
 from identityd.tokens.base import TokenVerifier
 from identityd.tokens.jwks import JWKSVerifier
 from identityd.tokens.tokenreview import TokenReviewMetrics, TokenReviewVerifier, jwks_key_source
+
+log = logging.getLogger("identityd.serve")
 
 # How long start-up waits for the first ConfigMap list before serving (not ready).
 CONFIGMAP_SYNC_WAIT_SECONDS = 10.0
@@ -296,6 +300,10 @@ def create_app(
 def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     """Server TLS; with a client CA, a client certificate is required (ZTS presents one)."""
     tls = settings.tls
+    if any(not name or name != name.strip() for name in tls.allowed_clients):
+        # An empty name would match a certificate whose CN or a SAN is empty.
+        raise ConfigError("CONFIG_ERROR", "--allowed-client: empty or space-padded name")
+    _warn_if_open(settings)
     if not tls.enabled:
         if tls.client_ca or tls.allowed_clients:
             raise ConfigError(
@@ -304,6 +312,12 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # TLS 1.2: forward-secret AEAD suites only (TLS 1.3's are all AEAD). No
+    # renegotiation; no session tickets, so each connection presents its certificate
+    # (a resumed session is not verified again; check_client also checks expiry).
+    ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
+    ctx.num_tickets = 0
     try:
         ctx.load_cert_chain(tls.cert or "", tls.key)
         if tls.client_ca:
@@ -314,3 +328,22 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     if tls.allowed_clients and not tls.client_ca:
         raise ConfigError("CONFIG_ERROR", "--allowed-client needs --client-ca")
     return ctx
+
+
+def _warn_if_open(settings: Settings) -> None:
+    """Say so when anyone who reaches a non-loopback port gets decisions."""
+    host, _ = host_port(settings.listen)
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        if host == "localhost":
+            return
+    tls = settings.tls
+    if not (tls.enabled and tls.client_ca and tls.allowed_clients):
+        log.warning(
+            "the callback port %s is not loopback and not restricted to the CA's client "
+            "certificate (--tls-cert, --client-ca and --allowed-client): any client that "
+            "reaches it gets decisions",
+            settings.listen,
+        )

@@ -55,9 +55,11 @@ DEFAULT_MAX_QUEUED = 1024
 # Longest wait for a slot: equal to the decision timeout, far inside the CA's 30 s.
 DEFAULT_QUEUE_TIMEOUT_SECONDS = 2.0
 LIMITED_PATHS = ("/instance", "/refresh")
-# Open connections per worker; beyond it new ones are closed at once (a CA keeps a
-# pool of tens). Also kept below the open-file limit (identityd/cli/connections.py).
-DEFAULT_MAX_CONNECTIONS = 1024
+# Open connections per worker, TLS handshakes included; beyond it new ones are closed
+# at once (a CA keeps a pool of tens). A connection in its TLS handshake holds ~300 KiB
+# (asyncio's TLS buffer): 512 of them fit the Deployment's 512 MiB. Also kept below
+# the open-file limit (identityd/cli/connections.py).
+DEFAULT_MAX_CONNECTIONS = 512
 # A connection must complete a request head within this long of opening or of its
 # previous answer, else it is closed (idle keep-alive, or a head sent a byte at a time).
 DEFAULT_IDLE_TIMEOUT_SECONDS = 30.0

@@ -13,14 +13,19 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from identityd.callback.answer import allow_document
 from identityd.callback.decision_log import DecisionLog, DecisionRecord
 from identityd.callback.limits import Limiter
+from identityd.callback.peer import (
+    certificate_cns,
+    certificate_names,
+    certificate_valid_now,
+    single_cn,
+)
 from identityd.callback.pipeline import Outcome, Pipeline
 from identityd.errors import (
     BadRequest,
@@ -111,17 +116,7 @@ def _peer(request: web.Request) -> tuple[str, str | None]:
     peername = request.transport.get_extra_info("peername") if request.transport else None
     address = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else "unknown"
     cert = request.transport.get_extra_info("peercert") if request.transport else None
-    return address, _cert_names(cert)[0] if cert else None
-
-
-def _cert_names(cert: Mapping[str, Any]) -> tuple[str | None, set[str]]:
-    cn: str | None = None
-    for rdn in cert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                cn = value
-    sans = {value for kind, value in cert.get("subjectAltName", ()) if kind in ("DNS", "URI")}
-    return cn, sans
+    return address, single_cn(cert) if cert else None
 
 
 def check_client(request: web.Request) -> None:
@@ -132,8 +127,12 @@ def check_client(request: web.Request) -> None:
     cert = request.transport.get_extra_info("peercert") if request.transport else None
     if not cert:
         raise Denied("CLIENT_NOT_ALLOWED", "no client certificate")
-    cn, sans = _cert_names(cert)
-    if not ({cn} | sans) & allowed:
+    if not certificate_valid_now(cert):
+        raise Denied("CLIENT_NOT_ALLOWED", "client certificate expired or not yet valid")
+    if len(certificate_cns(cert)) > 1:
+        raise Denied("CLIENT_NOT_ALLOWED", "client certificate subject has several CNs")
+    if not certificate_names(cert) & allowed:
+        cn = single_cn(cert)
         raise Denied("CLIENT_NOT_ALLOWED", f"client certificate CN={cn!r} not allowed")
 
 

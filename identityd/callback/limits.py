@@ -31,6 +31,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from identityd.callback.peer import single_cn
 from identityd.errors import IdentitydError, Unavailable
 from identityd.settings import LimitSettings
 
@@ -234,11 +235,9 @@ def client_key(peername: object, peercert: Mapping[str, Any] | None) -> str:
     """``cn:<CN>`` of a verified client certificate, else ``ip:<peer address>``.
 
     Never a header: X-Forwarded-For and the like are whatever the client says."""
-    if peercert:
-        for rdn in peercert.get("subject", ()):
-            for name, value in rdn:
-                if name == "commonName" and isinstance(value, str):
-                    return f"cn:{value}"
+    cn = single_cn(peercert) if peercert else None
+    if cn is not None:  # several CNs: the address, never another client's bucket
+        return f"cn:{cn}"
     if isinstance(peername, tuple) and peername and isinstance(peername[0], str):
         return f"ip:{peername[0]}"
     return "unknown"

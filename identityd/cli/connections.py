@@ -9,7 +9,11 @@ refused too. So:
   head within ``idle_timeout`` of opening, or of its previous answer
   (``runner_options``; aiohttp's own default is an hour);
 - :class:`CappedSockSite` closes a new connection at once while the worker
-  already holds ``max_connections``;
+  already holds ``max_connections``. They are counted as ``accept()`` returns
+  them (:class:`CountingListener`), not when aiohttp sees them: over TLS that is
+  only after the handshake, and a connection stuck in its handshake holds a
+  descriptor and asyncio's ~256 KiB TLS buffer. The handshake itself gets
+  ``HANDSHAKE_TIMEOUT_SECONDS`` (asyncio's default is 60 s);
 - the soft open-file limit is raised to the hard one, and the cap kept below it;
 - :class:`ThrottledLoopErrors` logs a repeated event-loop error (``accept()`` out
   of descriptors repeats in a tight loop) once per interval with a count.
@@ -19,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
+import socket
 import time
 from typing import Any
 
@@ -31,6 +37,10 @@ log = logging.getLogger("identityd.serve")
 # sockets, the API server's watches, OPA, JWKS fetches, log files.
 RESERVED_DESCRIPTORS = 64
 LOOP_ERROR_INTERVAL_SECONDS = 10.0
+# A TLS handshake takes milliseconds; a client that needs longer is not a CA.
+HANDSHAKE_TIMEOUT_SECONDS = 5.0
+# The probe and metrics port: the kubelet and Prometheus need a few.
+PROBE_MAX_CONNECTIONS = 64
 
 
 def runner_options(idle_timeout: float) -> dict[str, Any]:
@@ -59,52 +69,71 @@ def connection_cap(max_connections: int) -> int:
     return max(1, min(max_connections, soft - RESERVED_DESCRIPTORS))
 
 
-class _Refused(asyncio.Protocol):
-    """A connection over the cap: closed as soon as it is made, nothing read."""
+class CountingListener(socket.socket):
+    """A listening socket (a duplicate of ``sock``'s descriptor) whose ``accept()``
+    counts the accepted connections still open and closes a new one at once while
+    ``limit`` are, whatever stage (TLS handshake, request, keep-alive) they are in."""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.close()
+    def __init__(self, sock: socket.socket, limit: int) -> None:
+        super().__init__(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
+        self.setblocking(False)
+        self.limit = limit
+        self.refused = 0
+        self._open: list[socket.socket] = []
+        self._reported = float("-inf")
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        conn, address = super().accept()
+        # asyncio closes each connection's socket object when the connection ends.
+        self._open = [c for c in self._open if c.fileno() != -1]
+        if len(self._open) >= self.limit:
+            conn.close()
+            self._over_limit()
+            # asyncio ends this round of accepts on it and waits for the next.
+            raise ConnectionAbortedError
+        self._open.append(conn)
+        return conn, address
+
+    def _over_limit(self) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._reported >= LOOP_ERROR_INTERVAL_SECONDS:
+            self._reported = now
+            log.warning(
+                "%d connections open on %s (the cap): closing new ones (%d so far)",
+                self.limit,
+                self.getsockname(),
+                self.refused,
+            )
 
 
 class CappedSockSite(web.SockSite):
-    """``web.SockSite`` that closes new connections while the worker holds ``limit``."""
+    """``web.SockSite`` on a :class:`CountingListener`, with a bounded TLS handshake."""
 
-    __slots__ = ("_limit", "_refused", "_reported")
+    __slots__ = ("_listener",)
 
-    def __init__(self, runner: web.BaseRunner, sock: Any, *, limit: int, **kwargs: Any) -> None:
-        super().__init__(runner, sock, **kwargs)
-        self._limit = limit
-        self._refused = 0
-        self._reported = 0.0
+    def __init__(self, runner: web.BaseRunner, sock: socket.socket, *, limit: int, **kwargs: Any):
+        listener = CountingListener(sock, limit)
+        super().__init__(runner, listener, **kwargs)
+        self._listener = listener
 
     @property
     def refused(self) -> int:
         """Connections closed at once because the cap was reached."""
-        return self._refused
+        return self._listener.refused
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with its runner
         server = self._runner.server
         if server is None:
             raise RuntimeError("the runner is not set up")
-
-        def protocol() -> asyncio.BaseProtocol:
-            if len(server.connections) < self._limit:
-                return server()
-            self._refused += 1
-            now = time.monotonic()
-            if now - self._reported >= LOOP_ERROR_INTERVAL_SECONDS:
-                self._reported = now
-                log.warning(
-                    "worker holds %d connections (the cap): closing new ones (%d so far)",
-                    self._limit,
-                    self._refused,
-                )
-            return _Refused()
-
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            protocol, sock=self._sock, ssl=self._ssl_context, backlog=self._backlog
+            server,
+            sock=self._listener,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_SECONDS if self._ssl_context else None,
         )
 
 

@@ -31,6 +31,7 @@ from aiohttp import web
 
 from identityd.app import build_edges, create_app, server_ssl_context
 from identityd.cli.connections import (
+    PROBE_MAX_CONNECTIONS,
     CappedSockSite,
     ThrottledLoopErrors,
     connection_cap,
@@ -100,7 +101,7 @@ async def serve_sockets(
             )
             await probe_runner.setup()
             runners.append(probe_runner)
-            await web.SockSite(probe_runner, metrics_sock).start()
+            await CappedSockSite(probe_runner, metrics_sock, limit=PROBE_MAX_CONNECTIONS).start()
         # What start-up built (modules, the Kubernetes client, policies, the first
         # inventory) lives as long as the worker: out of the collector's sight, a
         # full collection took 0.9 ms instead of 52 ms (a p99 spike, bench/load.py).

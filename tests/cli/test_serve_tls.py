@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from identityd.app import server_ssl_context
+from identityd.callback.limits import client_key
+from identityd.callback.peer import certificate_valid_now
+from identityd.cli import connections
 from identityd.cli.serve import serve_sockets
 from identityd.devca.workload import DevCluster
+from identityd.errors import ConfigError
 from identityd.keys.certs import CertificateAuthority
-from identityd.settings import TLSSettings
+from identityd.settings import LimitSettings, Settings, TLSSettings
 from tests.conftest import Pods, make_settings
 
 
@@ -53,7 +65,13 @@ async def tls_server(
     cluster: DevCluster, pods: Pods, tmp_path: Path
 ) -> AsyncIterator[tuple[int, TLSWorld]]:
     world = TLSWorld(tmp_path)
-    settings = make_settings(cluster, tmp_path)
+    async with serving(world, make_settings(cluster, tmp_path)) as port:
+        yield port, world
+
+
+@contextlib.asynccontextmanager
+async def serving(world: TLSWorld, settings: Settings) -> AsyncIterator[int]:
+    """``identityd serve``'s server on TLS with the world's files; its port."""
     settings = replace(
         settings,
         tls=TLSSettings(
@@ -82,7 +100,7 @@ async def tls_server(
         except aiohttp.ClientError:
             await asyncio.sleep(0.05)
     try:
-        yield port, world
+        yield port
     finally:
         stop.set()
         await task
@@ -140,3 +158,142 @@ async def test_handshake_fails_without_a_trusted_client_certificate(
         port, world.client_context(world.client_ca), cluster.confirmation(pods.api)
     )
     assert status == 200
+
+
+# --- hardening (a red team's findings) ---------------------------------------------------
+
+
+async def test_tls12_cbc_suites_are_refused_and_aead_ones_served(
+    tls_server: tuple[int, TLSWorld], cluster: DevCluster, pods: Pods
+) -> None:
+    port, world = tls_server
+    cbc = world.client_context(world.client_ca)
+    cbc.maximum_version = ssl.TLSVersion.TLSv1_2
+    cbc.set_ciphers("ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA384:ECDHE-ECDSA-AES128-SHA")
+    with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
+        await post(port, cbc, cluster.confirmation(pods.api))
+    aead = world.client_context(world.client_ca)
+    aead.maximum_version = ssl.TLSVersion.TLSv1_2
+    status, _ = await post(port, aead, cluster.confirmation(pods.api))
+    assert status == 200
+
+
+async def test_a_tls13_session_is_never_resumed(tls_server: tuple[int, TLSWorld]) -> None:
+    # A resumed session is not verified again (check_client checks the dates for that
+    # reason: TLS 1.2 may still resume from OpenSSL's session-id cache, which Python
+    # cannot switch off); TLS 1.3 gets no tickets at all.
+    port, world = tls_server
+    ctx = world.client_context(world.client_ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+
+    def connect(session: ssl.SSLSession | None) -> tuple[bool, ssl.SSLSession | None]:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls,
+        ):
+            tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            while tls.recv(4096):  # read to the end: TLS 1.3 tickets come after the handshake
+                pass
+            return bool(tls.session_reused), tls.session
+
+    _, session = await asyncio.to_thread(connect, None)
+    reused, _ = await asyncio.to_thread(connect, session)
+    assert not reused
+
+
+def _two_cn_context(world: TLSWorld, tmp: Path) -> ssl.SSLContext:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, "mallory.example"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "zts.athenz.io"),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(world.client_ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(world.client_ca.key, hashes.SHA256())
+    )
+    ctx = ssl.create_default_context(cafile=world.ca_file)
+    ctx.load_cert_chain(
+        write(tmp / "two-cn.pem", cert.public_bytes(serialization.Encoding.PEM)),
+        write(
+            tmp / "two-cn.key",
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        ),
+    )
+    return ctx
+
+
+async def test_a_subject_with_two_cns_is_not_allowed(
+    tls_server: tuple[int, TLSWorld], cluster: DevCluster, pods: Pods, tmp_path: Path
+) -> None:
+    # One reader took the last CN (allowed), the rate limiter the first.
+    port, world = tls_server
+    status, answer = await post(
+        port, _two_cn_context(world, tmp_path), cluster.confirmation(pods.api)
+    )
+    assert (status, answer["message"]) == (403, "CLIENT_NOT_ALLOWED")
+
+
+def test_two_cns_never_take_another_clients_rate_bucket() -> None:
+    cert = {"subject": ((("commonName", "mallory"),), (("commonName", "zts.athenz.io"),))}
+    assert client_key(("10.0.0.9", 5000), cert) == "ip:10.0.0.9"
+    assert client_key(("10.0.0.9", 5000), {"subject": ((("commonName", "zts"),),)}) == "cn:zts"
+
+
+def test_a_certificate_is_valid_only_between_its_dates() -> None:
+    cert = {"notBefore": "Jan  1 00:00:00 2020 GMT", "notAfter": "Jan  1 00:00:00 2021 GMT"}
+    assert certificate_valid_now(cert, now=ssl.cert_time_to_seconds("Jun  1 00:00:00 2020 GMT"))
+    assert not certificate_valid_now(cert, now=time.time())  # expired
+    assert not certificate_valid_now(cert, now=ssl.cert_time_to_seconds("Jun  1 00:00:00 2019 GMT"))
+    assert not certificate_valid_now({"notAfter": cert["notAfter"]})
+
+
+@pytest.mark.parametrize("names", [("",), ("zts.athenz.io", " "), (" zts.athenz.io",)])
+def test_an_empty_or_padded_allowed_client_is_a_configuration_error(
+    cluster: DevCluster, tmp_path: Path, names: tuple[str, ...]
+) -> None:
+    world = TLSWorld(tmp_path)
+    tls = TLSSettings(world.server_cert, world.server_key, world.client_ca_file, names)
+    with pytest.raises(ConfigError, match="allowed-client"):
+        server_ssl_context(replace(make_settings(cluster, tmp_path), tls=tls))
+
+
+async def test_connections_stuck_in_the_handshake_count_and_are_closed(
+    cluster: DevCluster, pods: Pods, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Over TLS aiohttp sees a connection only after its handshake: the cap counts at
+    # accept(), and a handshake has HANDSHAKE_TIMEOUT_SECONDS.
+    monkeypatch.setattr(connections, "HANDSHAKE_TIMEOUT_SECONDS", 0.5)
+    world = TLSWorld(tmp_path)
+    settings = replace(make_settings(cluster, tmp_path), limits=LimitSettings(max_connections=3))
+    async with serving(world, settings) as port:
+        await asyncio.sleep(0.2)  # the readiness probe's connection is gone
+        stuck = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(), 2.0) == b""
+        assert time.monotonic() - started < 0.4  # over the cap: closed at once
+        writer.close()
+        for r, w in stuck:  # no ClientHello: each closed by the handshake timeout
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.wait_for(r.read(), 3.0) == b""
+            w.close()
+        status, _ = await post(
+            port, world.client_context(world.client_ca), cluster.confirmation(pods.api)
+        )
+        assert status == 200
