@@ -68,8 +68,10 @@ async def serve_sockets(
     sock: socket.socket,
     metrics_sock: socket.socket | None,
     stop: asyncio.Event,
+    serving: asyncio.Event | None = None,
 ) -> None:
-    """Run one server on already-bound sockets until ``stop`` is set."""
+    """Run one server on already-bound sockets until ``stop`` is set; ``serving`` is
+    set once it accepts connections."""
     metrics = Metrics()
     edges = await build_edges(settings, metrics)
     runners: list[web.AppRunner] = []
@@ -107,6 +109,8 @@ async def serve_sockets(
         # full collection took 0.9 ms instead of 52 ms (a p99 spike, bench/load.py).
         gc.freeze()
         log.info("worker %d serving on %s", os.getpid(), settings.listen)
+        if serving is not None:
+            serving.set()
         await stop.wait()
     finally:
         for r in reversed(runners):
@@ -125,9 +129,19 @@ def _worker_main(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         # Here, not in serve_sockets: the demo and tests serve in their own process,
-        # which a stalled loop must not end.
+        # which a stalled loop must not end. Armed once serving: what it is for is a
+        # runaway evaluation, and start-up (loading the engine, compiling a large
+        # policy set on a busy node) may hold the loop longer than a decision may.
+        serving = asyncio.Event()
+        server = asyncio.create_task(serve_sockets(settings, sock, metrics_sock, stop, serving))
+        started = asyncio.create_task(serving.wait())
+        await asyncio.wait({server, started}, return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        if server.done():
+            await server  # start-up failed: its error
+            return
         async with LoopWatchdog(stall_limit(settings.decision_timeout_seconds)):
-            await serve_sockets(settings, sock, metrics_sock, stop)
+            await server
 
     try:
         asyncio.run(main())

@@ -180,9 +180,13 @@ def test_a_worker_wedged_in_a_runaway_evaluation_is_replaced(
     outcome: list[object] = []
     sender = threading.Thread(target=lambda: outcome.append(post_or_error(port, wedge)))
     sender.start()
-    # The other worker serves meanwhile (the wedged one accepts nothing more).
-    statuses = [post(port, cluster.confirmation(pod)) for _ in range(10)]
-    assert statuses == [200] * 10
+    # The other worker serves meanwhile: the wedged one accepts nothing more, but a
+    # request it accepted in the same turn as the wedge (asyncio accepts a batch)
+    # dies with it. Measured under CPU load: at most the first one or two.
+    statuses = [post_or_error(port, cluster.confirmation(pod)) for _ in range(10)]
+    lost = [s for s in statuses if s != 200]
+    assert all(isinstance(s, str) for s in lost), statuses  # a lost connection, no other status
+    assert len(lost) <= 2 and statuses[-5:] == [200] * 5, statuses
     sender.join(timeout=20)
     # The wedged request is never allowed: its worker ended under it.
     assert outcome and outcome[0] != 200
