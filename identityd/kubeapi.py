@@ -485,6 +485,16 @@ class LeasesAPI(_Client):
 _WATCH_TIMEOUT_SHARE = 5 / 6
 
 
+def check_watch_timeout(base: float, inactivity: float) -> None:
+    """Settings' check of the pair :func:`watch_timeout` takes: ValueError unless the
+    watch timeout is below the inactivity timeout."""
+    if base >= inactivity:
+        raise ValueError(
+            "watch_timeout_seconds: must be below inactivity_timeout_seconds, or every "
+            "quiet watch counts as dead before the server ends it"
+        )
+
+
 def watch_timeout(base: float, inactivity: float, fraction: float) -> float:
     """The ``timeoutSeconds`` to ask of one watch: ``base`` raised by ``fraction`` (a
     random number in [0, 1)) up to twice ``base``, but not past 5/6 of ``inactivity``

@@ -67,6 +67,11 @@ DEFAULT_IDLE_TIMEOUT_SECONDS = 30.0
 # Certificates.
 DEFAULT_CERT_EXPIRY_MINUTES = 60 * 24
 MIN_RSA_BITS = 2048
+# RSA keys refused outright, wherever they come from (token signing keys, CSR and
+# csrPublicKey keys): nobody issues larger ones, and verification cost grows with
+# the modulus; real keys use the exponent 65537 (17 bits).
+MAX_RSA_BITS = 8192
+MAX_RSA_EXPONENT_BITS = 64
 
 
 @dataclass(frozen=True)

@@ -117,11 +117,6 @@ class CappedSockSite(web.SockSite):
         super().__init__(runner, listener, **kwargs)
         self._listener = listener
 
-    @property
-    def refused(self) -> int:
-        """Connections closed at once because the cap was reached."""
-        return self._listener.refused
-
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with its runner
         server = self._runner.server

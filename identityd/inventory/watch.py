@@ -45,7 +45,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from identityd.errors import InventoryUnavailable
 from identityd.inventory.base import PodRecord
 from identityd.inventory.store import DEFAULT_ANNOTATION_KEYS, PodStore, RecordBuilder
-from identityd.kubeapi import KubeAPIError, KubeConnection, PodsAPI, watch_timeout
+from identityd.kubeapi import (
+    KubeAPIError,
+    KubeConnection,
+    PodsAPI,
+    check_watch_timeout,
+    watch_timeout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +121,7 @@ class WatchSettings:
             raise TypeError("label_selector: expected str or None")
         if self.backoff_max_seconds < self.backoff_initial_seconds:
             raise ValueError("backoff_max_seconds: must not be below backoff_initial_seconds")
-        if self.watch_timeout_seconds >= self.inactivity_timeout_seconds:
-            raise ValueError(
-                "watch_timeout_seconds: must be below inactivity_timeout_seconds, or every "
-                "quiet watch counts as dead before the server ends it"
-            )
+        check_watch_timeout(self.watch_timeout_seconds, self.inactivity_timeout_seconds)
 
 
 class WatchMetrics:

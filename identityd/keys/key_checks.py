@@ -17,13 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from identityd.errors import BadRequest
+from identityd.settings import MAX_RSA_BITS, MAX_RSA_EXPONENT_BITS
 
-# As the JWKS side (tokens/jwks.py): nobody issues larger keys, and a larger
-# modulus only makes every signature check on it slower.
-MAX_RSA_BITS = 8192
-# As the JWKS side too; real keys use 65537 (17 bits), and a huge exponent makes
-# the CSR's signature check as costly as a private-key operation.
-MAX_RSA_EXPONENT_BITS = 64
 SMALL_PRIME_BOUND = 1000
 
 _SPKI = serialization.PublicFormat.SubjectPublicKeyInfo

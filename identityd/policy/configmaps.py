@@ -51,6 +51,7 @@ from identityd.kubeapi import (
     JSONObject,
     KubeAPIError,
     KubeConnection,
+    check_watch_timeout,
     watch_timeout,
 )
 from identityd.policy.reload import ReloadOutcome, ReloadResult
@@ -367,11 +368,7 @@ class ConfigMapSettings:
                 raise ValueError(f"{item.name}: expected a positive number, got {value!r}")
         if self.backoff_max_seconds < self.backoff_initial_seconds:
             raise ValueError("backoff_max_seconds: must not be below backoff_initial_seconds")
-        if self.watch_timeout_seconds >= self.inactivity_timeout_seconds:
-            raise ValueError(
-                "watch_timeout_seconds: must be below inactivity_timeout_seconds, or every "
-                "quiet watch counts as dead before the server ends it"
-            )
+        check_watch_timeout(self.watch_timeout_seconds, self.inactivity_timeout_seconds)
 
 
 @dataclass

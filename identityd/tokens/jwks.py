@@ -45,6 +45,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from identityd.errors import ConfigError, InvalidToken, KeysUnavailable
 from identityd.settings import (
     JWKS_FETCH_TIMEOUT_SECONDS,
+    MAX_RSA_BITS,
+    MAX_RSA_EXPONENT_BITS,
     MAX_TOKEN_BYTES,
     MIN_RSA_BITS,
     TokenSettings,
@@ -81,9 +83,6 @@ _MIN_PREFETCH_PAUSE_SECONDS = 0.05
 # The prefetch retries a broken source twice a second: the same failure is warned
 # about again only after this long (debug in between), a new one at once.
 _REPEAT_WARNING_SECONDS = 60.0
-# RSA moduli beyond this are refused: verification cost grows with the size.
-_MAX_RSA_BITS = 8192
-_MAX_RSA_EXPONENT_BITS = 64
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 # The API server's in-cluster Service (``kubernetes`` in ``default``), by the names a
 # pod resolves; ``kubernetes.default.svc.<cluster domain>`` as well.
@@ -178,9 +177,9 @@ def _parse_jwk(entry: object) -> VerificationKey | None:
 def _rsa_key(entry: Mapping[str, object]) -> rsa.RSAPublicKey:
     modulus = int.from_bytes(_b64url_member(entry, "n"), "big")
     exponent = int.from_bytes(_b64url_member(entry, "e"), "big")
-    if not MIN_RSA_BITS <= modulus.bit_length() <= _MAX_RSA_BITS:
+    if not MIN_RSA_BITS <= modulus.bit_length() <= MAX_RSA_BITS:
         raise ValueError(f"RSA modulus of {modulus.bit_length()} bits")
-    if exponent.bit_length() > _MAX_RSA_EXPONENT_BITS:
+    if exponent.bit_length() > MAX_RSA_EXPONENT_BITS:
         raise ValueError("RSA exponent too large")
     return rsa.RSAPublicNumbers(exponent, modulus).public_key()  # ValueError if invalid
 

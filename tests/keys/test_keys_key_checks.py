@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 
 from identityd.errors import BadRequest
 from identityd.keys import build_csr, generate_key, parse_csr, parse_public_key
-from identityd.keys.key_checks import MAX_RSA_BITS, csr_spki_der
+from identityd.keys.key_checks import csr_spki_der
+from identityd.settings import MAX_RSA_BITS
 from tests.keys import broken_keys as bk
 
 
