@@ -14,6 +14,9 @@ refused too. So:
   only after the handshake, and a connection stuck in its handshake holds a
   descriptor and asyncio's ~256 KiB TLS buffer. The handshake itself gets
   ``HANDSHAKE_TIMEOUT_SECONDS`` (asyncio's default is 60 s);
+- a worker takes one new connection each time its loop finds the listening socket
+  ready (:class:`CountingListener`), so a burst of connections spreads over the
+  workers sharing the socket instead of going to whichever woke first;
 - the soft open-file limit is raised to the hard one, and the cap kept below it;
 - :class:`ThrottledLoopErrors` logs a repeated event-loop error (``accept()`` out
   of descriptors repeats in a tight loop) once per interval with a count.
@@ -72,7 +75,16 @@ def connection_cap(max_connections: int) -> int:
 class CountingListener(socket.socket):
     """A listening socket (a duplicate of ``sock``'s descriptor) whose ``accept()``
     counts the accepted connections still open and closes a new one at once while
-    ``limit`` are, whatever stage (TLS handshake, request, keep-alive) they are in."""
+    ``limit`` are, whatever stage (TLS handshake, request, keep-alive) they are in.
+
+    It also hands asyncio one connection per round. asyncio accepts up to the
+    backlog (100) in a loop each time the socket is ready, so the worker that
+    wakes first takes a whole burst; a CA opens its keep-alive pool in a burst and
+    then spreads requests evenly over it, so one worker got most of the load
+    (bench/load.py: 90 % CPU against 52 %). One per round (nginx's default,
+    ``multi_accept off``) leaves the rest to the sibling workers, all woken by
+    the same readiness, and a worker busy evaluating comes back for more later.
+    """
 
     def __init__(self, sock: socket.socket, limit: int) -> None:
         super().__init__(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
@@ -81,8 +93,14 @@ class CountingListener(socket.socket):
         self.refused = 0
         self._open: list[socket.socket] = []
         self._reported = float("-inf")
+        self._took_one = False
 
     def accept(self) -> tuple[socket.socket, Any]:
+        if self._took_one:
+            # The round's second call: end it (asyncio's loop stops on this) and
+            # let the next readiness, here or in a sibling worker, take the next.
+            self._took_one = False
+            raise BlockingIOError
         conn, address = super().accept()
         # asyncio closes each connection's socket object when the connection ends.
         self._open = [c for c in self._open if c.fileno() != -1]
@@ -92,6 +110,7 @@ class CountingListener(socket.socket):
             # asyncio ends this round of accepts on it and waits for the next.
             raise ConnectionAbortedError
         self._open.append(conn)
+        self._took_one = True
         return conn, address
 
     def _over_limit(self) -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from identityd.cli.connections import (
     RESERVED_DESCRIPTORS,
+    CountingListener,
     ThrottledLoopErrors,
     connection_cap,
 )
@@ -118,6 +119,58 @@ async def test_connections_over_the_cap_are_closed_at_once_and_service_resumes(
         w.close()
     await asyncio.sleep(0.05)
     assert await legit(server, cluster, pods) == 200
+
+
+async def test_a_burst_of_connections_is_shared_by_the_workers_on_one_socket() -> None:
+    # Two listeners on one socket, as two forked workers hold it. A CA opens its
+    # keep-alive pool in a burst; asyncio alone lets the first listener take all of it.
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    taken = {"a": 0, "b": 0}
+
+    def counting(name: str) -> type[asyncio.Protocol]:
+        class Count(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                taken[name] += 1
+
+        return Count
+
+    clients = []
+    for _ in range(20):  # queued in the backlog before either listener is served
+        client = socket.create_connection(sock.getsockname())
+        clients.append(client)
+    servers = [
+        await loop.create_server(counting(name), sock=CountingListener(sock, limit=100))
+        for name in taken
+    ]
+    for _ in range(200):
+        if sum(taken.values()) == 20:
+            break
+        await asyncio.sleep(0.01)
+    for server in servers:
+        server.close()
+    for client in clients:
+        client.close()
+    sock.close()
+    assert sum(taken.values()) == 20
+    assert abs(taken["a"] - taken["b"]) <= 2, taken
+
+
+def test_a_listener_hands_over_one_connection_per_round() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        clients = [socket.create_connection(sock.getsockname()) for _ in range(2)]
+        listener = CountingListener(sock, limit=8)
+        first, _ = listener.accept()
+        with pytest.raises(BlockingIOError):  # asyncio ends its round of accepts here
+            listener.accept()
+        second, _ = listener.accept()  # the next round takes the next one
+        for conn in (first, second, *clients, listener):
+            conn.close()
 
 
 def test_the_cap_stays_below_the_open_file_limit() -> None:
