@@ -8,7 +8,9 @@ JWKS file, default policies), pre-generates one RS256 bound token per request
 (as the API server signs them), then drives it with a lean asyncio HTTP/1.1
 client (pre-encoded requests, keep-alive) so the client takes as little of the
 machine as it can. Rate mode is open-loop: latency is measured from each
-request's scheduled send time, so a stalled server cannot hide its queueing.
+request's scheduled send time, so a stalled server cannot hide its queueing, and
+also from its dispatch (``from_dispatch_ms``), which leaves out the generator's own
+timer lateness (``generator_lag_ms``, up to ~1 ms: asyncio sleeps in whole ms).
 The server-side breakdown per stage comes from its own /metrics histograms.
 """
 
@@ -134,16 +136,21 @@ async def run_rate(
     for c in conns:
         idle.put_nowait(c)
     latencies: list[float] = []
+    from_dispatch: list[float] = []
+    lags: list[float] = []
     statuses: dict[int, int] = {}
     total = min(len(requests), int(rate * duration))
     start = time.perf_counter()
     tasks = []
 
-    async def one(raw: bytes, scheduled: float) -> None:
-        conn = await idle.get()
+    async def one(raw: bytes, scheduled: float, dispatched: float) -> None:
+        conn = await idle.get()  # waiting for a free connection counts: it is the server's
         status = await conn.call(raw)
         idle.put_nowait(conn)
-        latencies.append(time.perf_counter() - scheduled)
+        end = time.perf_counter()
+        latencies.append(end - scheduled)
+        from_dispatch.append(end - dispatched)
+        lags.append(dispatched - scheduled)
         statuses[status] = statuses.get(status, 0) + 1
 
     for i in range(total):
@@ -151,12 +158,26 @@ async def run_rate(
         delay = scheduled - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(requests[i], scheduled)))
+        tasks.append(asyncio.create_task(one(requests[i], scheduled, time.perf_counter())))
     await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - start
     for c in conns:
         c.writer.close()
-    return summarize(latencies, statuses, elapsed)
+    result = summarize(latencies, statuses, elapsed)
+    # asyncio wakes a sleeper up to a millisecond late (epoll's timeout is in ms), so
+    # the latency from the schedule also holds the generator's own lateness; the
+    # latency from dispatch leaves it out (and still counts any wait for a connection).
+    ordered, lag = sorted(from_dispatch), sorted(lags)
+    result["from_dispatch_ms"] = {p: round(percentile(ordered, q), 3) for p, q in PCTS}
+    result["generator_lag_ms"] = {p: round(percentile(lag, q), 3) for p, q in PCTS}
+    return result
+
+
+PCTS = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99))
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else 0.0
 
 
 def summarize(latencies: list[float], statuses: dict[int, int], elapsed: float) -> dict[str, Any]:

@@ -9,14 +9,15 @@ refused too. So:
   head within ``idle_timeout`` of opening, or of its previous answer
   (``runner_options``; aiohttp's own default is an hour);
 - :class:`CappedSockSite` closes a new connection at once while the worker
-  already holds ``max_connections``. They are counted as ``accept()`` returns
-  them (:class:`CountingListener`), not when aiohttp sees them: over TLS that is
-  only after the handshake, and a connection stuck in its handshake holds a
+  already holds ``max_connections``. Its :class:`Acceptor` counts them as
+  ``accept()`` returns them, not when aiohttp sees them: over TLS that is only
+  after the handshake, and a connection stuck in its handshake holds a
   descriptor and asyncio's ~256 KiB TLS buffer. The handshake itself gets
   ``HANDSHAKE_TIMEOUT_SECONDS`` (asyncio's default is 60 s);
 - a worker takes one new connection each time its loop finds the listening socket
-  ready (:class:`CountingListener`), so a burst of connections spreads over the
-  workers sharing the socket instead of going to whichever woke first;
+  ready, and leaves it for a few milliseconds to a sibling worker that holds
+  fewer (:class:`AcceptShare`), so the connections of a client's keep-alive pool,
+  and with them its requests, spread evenly over the workers;
 - the soft open-file limit is raised to the hard one, and the cap kept below it;
 - :class:`ThrottledLoopErrors` logs a repeated event-loop error (``accept()`` out
   of descriptors repeats in a tight loop) once per interval with a count.
@@ -29,7 +30,9 @@ import logging
 import os
 import resource
 import socket
+import ssl
 import time
+from collections.abc import Callable, MutableSequence
 from typing import Any
 
 from aiohttp import web
@@ -44,6 +47,76 @@ LOOP_ERROR_INTERVAL_SECONDS = 10.0
 HANDSHAKE_TIMEOUT_SECONDS = 5.0
 # The probe and metrics port: the kubelet and Prometheus need a few.
 PROBE_MAX_CONNECTIONS = 64
+# How long a worker holding more connections than a sibling leaves a new one to it
+# (not watching the socket for a pause at a time), and how long it then takes them
+# itself when the sibling did not (busy evaluating, or stuck).
+DEFER_SECONDS = 0.005
+PAUSE_SECONDS = 0.001
+TAKE_ALL_SECONDS = 1.0
+# A slot of a worker that is not serving: left out of the comparison.
+NOT_SERVING = -1
+
+
+class AcceptShare:
+    """The number of connections each worker on one listening socket holds, in
+    memory the workers share (the supervisor's ``multiprocessing.RawArray``); this
+    worker writes its own slot and reads the others.
+
+    A kernel wakes every worker for a new connection and the first to call
+    ``accept()`` gets it, so without this the split follows who woke first, not
+    who has room (bench/load.py: 45 against 19 connections of a 64-connection
+    pool, one worker at 88 % CPU and the other at 54 %). A worker ahead of a
+    sibling leaves a pending connection to it for ``DEFER_SECONDS``; a sibling that
+    does not take it in that time (evaluating, or wedged until the watchdog ends
+    it) is not waited for again for ``TAKE_ALL_SECONDS``, so no connection waits
+    long whatever the others do.
+    """
+
+    def __init__(
+        self,
+        counts: MutableSequence[int],
+        index: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 0 <= index < len(counts):
+            raise ValueError(f"index: {index} is not a slot of {len(counts)}")
+        self._counts = counts
+        self._index = index
+        self._clock = clock
+        self._deferring_since = float("-inf")
+        self._deferred_last: float | None = None
+        self._take_all_until = float("-inf")
+
+    def publish(self, held: int) -> None:
+        self._counts[self._index] = held
+
+    def leave(self) -> None:
+        """This worker no longer accepts (it stops): siblings stop comparing with it."""
+        self._counts[self._index] = NOT_SERVING
+
+    def defer(self, held: int) -> bool:
+        """Whether to leave the pending connection to a sibling, ``held`` being
+        the connections this worker has open (published here)."""
+        self._counts[self._index] = held
+        fewest = min(
+            (c for i, c in enumerate(self._counts) if i != self._index and c != NOT_SERVING),
+            default=held,
+        )
+        now = self._clock()
+        if held <= fewest or now < self._take_all_until:
+            self._deferred_last = None
+            return False
+        # Deferred at the last call too, and a moment ago: the same pending
+        # connection (the loop asks at each turn while one is); else a new wait.
+        last = self._deferred_last
+        if last is None or now - last > DEFER_SECONDS:
+            self._deferring_since = now
+        self._deferred_last = now
+        if now - self._deferring_since < DEFER_SECONDS:
+            return True
+        self._deferred_last = None
+        self._take_all_until = now + TAKE_ALL_SECONDS
+        return False
 
 
 def runner_options(idle_timeout: float) -> dict[str, Any]:
@@ -72,46 +145,125 @@ def connection_cap(max_connections: int) -> int:
     return max(1, min(max_connections, soft - RESERVED_DESCRIPTORS))
 
 
-class CountingListener(socket.socket):
-    """A listening socket (a duplicate of ``sock``'s descriptor) whose ``accept()``
-    counts the accepted connections still open and closes a new one at once while
-    ``limit`` are, whatever stage (TLS handshake, request, keep-alive) they are in.
+class Acceptor:
+    """Takes connections off a worker's copy of a listening socket and hands each to
+    asyncio (``loop.connect_accepted_socket``, which does the TLS handshake):
 
-    It also hands asyncio one connection per round. asyncio accepts up to the
-    backlog (100) in a loop each time the socket is ready, so the worker that
-    wakes first takes a whole burst; a CA opens its keep-alive pool in a burst and
-    then spreads requests evenly over it, so one worker got most of the load
-    (bench/load.py: 90 % CPU against 52 %). One per round (nginx's default,
-    ``multi_accept off``) leaves the rest to the sibling workers, all woken by
-    the same readiness, and a worker busy evaluating comes back for more later.
+    - one per readiness of the socket: asyncio's own server takes up to the backlog
+      (100) each time, so the worker that woke first got a whole burst;
+    - none while ``limit`` are open, whatever stage (TLS handshake, request,
+      keep-alive) they are in: a new one is closed at once;
+    - none while a sibling worker holds fewer (``share``): the socket is not
+      watched for ``PAUSE_SECONDS`` at a time, up to ``DEFER_SECONDS``, and the
+      sibling, woken by the same readiness, takes it.
     """
 
-    def __init__(self, sock: socket.socket, limit: int) -> None:
-        super().__init__(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
-        self.setblocking(False)
+    def __init__(
+        self,
+        sock: socket.socket,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        *,
+        limit: int,
+        ssl_context: ssl.SSLContext | None = None,
+        share: AcceptShare | None = None,
+    ) -> None:
+        # Our own descriptor: closing it at stop leaves the caller's socket open.
+        self._sock = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
+        self._sock.setblocking(False)
+        self._factory = protocol_factory
         self.limit = limit
+        self._ssl = ssl_context
+        self.share = share
         self.refused = 0
         self._open: list[socket.socket] = []
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._resume: asyncio.TimerHandle | None = None
         self._reported = float("-inf")
-        self._took_one = False
 
-    def accept(self) -> tuple[socket.socket, Any]:
-        if self._took_one:
-            # The round's second call: end it (asyncio's loop stops on this) and
-            # let the next readiness, here or in a sibling worker, take the next.
-            self._took_one = False
-            raise BlockingIOError
-        conn, address = super().accept()
-        # asyncio closes each connection's socket object when the connection ends.
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._sock.fileno(), self._on_readable)
+        if self.share is not None:
+            self.share.publish(0)
+
+    def stop(self) -> None:
+        """Stop accepting (open connections are the server's to close)."""
+        if self.share is not None:
+            self.share.leave()
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        elif self._loop is not None and self._sock.fileno() != -1:
+            self._loop.remove_reader(self._sock.fileno())
+        for task in self._handshakes:
+            task.cancel()
+        self._sock.close()
+
+    def held(self) -> int:
+        """Connections accepted and still open (asyncio closes each socket object
+        when its connection ends)."""
         self._open = [c for c in self._open if c.fileno() != -1]
-        if len(self._open) >= self.limit:
+        return len(self._open)
+
+    def _on_readable(self) -> None:
+        held = self.held()
+        if self.share is not None and self.share.defer(held):
+            self._pause(PAUSE_SECONDS)
+            return
+        try:
+            conn, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return  # a sibling took it, or the client left
+        except OSError as exc:
+            # Out of descriptors or buffers: asyncio's own server waits a second.
+            assert self._loop is not None
+            self._loop.call_exception_handler(
+                {"message": "socket.accept() out of system resource", "exception": exc}
+            )
+            self._pause(1.0)
+            return
+        if held >= self.limit:
             conn.close()
             self._over_limit()
-            # asyncio ends this round of accepts on it and waits for the next.
-            raise ConnectionAbortedError
+            return
+        conn.setblocking(False)
         self._open.append(conn)
-        self._took_one = True
-        return conn, address
+        if self.share is not None:
+            self.share.publish(held + 1)
+        assert self._loop is not None
+        task = self._loop.create_task(self._hand_over(conn))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _hand_over(self, conn: socket.socket) -> None:
+        assert self._loop is not None
+        try:
+            await self._loop.connect_accepted_socket(
+                self._factory,
+                conn,
+                ssl=self._ssl,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_SECONDS if self._ssl else None,
+            )
+        # A failed or timed-out handshake, or a client gone before it: its own
+        # business, as in asyncio's server; the connection is closed.
+        except (OSError, TimeoutError, ssl.SSLError):
+            conn.close()
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+
+    def _pause(self, seconds: float) -> None:
+        assert self._loop is not None
+        if self._resume is not None:
+            return
+        self._loop.remove_reader(self._sock.fileno())
+        self._resume = self._loop.call_later(seconds, self._watch_again)
+
+    def _watch_again(self) -> None:
+        self._resume = None
+        if self._loop is not None and self._sock.fileno() != -1:
+            self._loop.add_reader(self._sock.fileno(), self._on_readable)
 
     def _over_limit(self) -> None:
         self.refused += 1
@@ -121,34 +273,53 @@ class CountingListener(socket.socket):
             log.warning(
                 "%d connections open on %s (the cap): closing new ones (%d so far)",
                 self.limit,
-                self.getsockname(),
+                self._sock.getsockname(),
                 self.refused,
             )
 
 
-class CappedSockSite(web.SockSite):
-    """``web.SockSite`` on a :class:`CountingListener`, with a bounded TLS handshake."""
+class CappedSockSite(web.BaseSite):
+    """An aiohttp site on an already-bound socket, accepting through an
+    :class:`Acceptor` (``web.SockSite`` hands the socket to asyncio's server)."""
 
-    __slots__ = ("_listener",)
+    __slots__ = ("_acceptor", "_limit", "_share", "_sock")
 
-    def __init__(self, runner: web.BaseRunner, sock: socket.socket, *, limit: int, **kwargs: Any):
-        listener = CountingListener(sock, limit)
-        super().__init__(runner, listener, **kwargs)
-        self._listener = listener
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        sock: socket.socket,
+        *,
+        limit: int,
+        share: AcceptShare | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context)
+        self._sock, self._limit, self._share = sock, limit, share
+        self._acceptor: Acceptor | None = None
+
+    @property
+    def name(self) -> str:
+        host, port = self._sock.getsockname()[:2]
+        return f"{'https' if self._ssl_context else 'http'}://{host}:{port}"
+
+    @property
+    def acceptor(self) -> Acceptor | None:
+        return self._acceptor
 
     async def start(self) -> None:
-        await web.BaseSite.start(self)  # registers the site with its runner
+        await super().start()  # registers the site with its runner
         server = self._runner.server
         if server is None:
             raise RuntimeError("the runner is not set up")
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            server,
-            sock=self._listener,
-            ssl=self._ssl_context,
-            backlog=self._backlog,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_SECONDS if self._ssl_context else None,
+        self._acceptor = Acceptor(
+            self._sock, server, limit=self._limit, ssl_context=self._ssl_context, share=self._share
         )
+        self._acceptor.start()
+
+    async def stop(self) -> None:
+        if self._acceptor is not None:
+            self._acceptor.stop()
+        await super().stop()
 
 
 class ThrottledLoopErrors:

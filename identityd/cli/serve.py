@@ -6,7 +6,9 @@ dies â€” the embedded Rego engine is native code and can take its process down â
 with backoff, while the others keep serving. With ``--workers 1`` the server
 runs in the supervisor's own process. Each worker runs a watchdog
 (identityd/cli/watchdog.py) that ends it when its event loop stalls, as a
-runaway in-line policy evaluation would make it.
+runaway in-line policy evaluation would make it. The workers share, in memory
+the supervisor maps before forking, how many connections each holds, so a new
+connection goes to one with fewer (identityd/cli/connections.py, AcceptShare).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from aiohttp import web
 
 from identityd.app import build_edges, create_app, server_ssl_context
 from identityd.cli.connections import (
+    NOT_SERVING,
     PROBE_MAX_CONNECTIONS,
+    AcceptShare,
     CappedSockSite,
     ThrottledLoopErrors,
     connection_cap,
@@ -69,9 +73,11 @@ async def serve_sockets(
     metrics_sock: socket.socket | None,
     stop: asyncio.Event,
     serving: asyncio.Event | None = None,
+    share: AcceptShare | None = None,
 ) -> None:
     """Run one server on already-bound sockets until ``stop`` is set; ``serving`` is
-    set once it accepts connections."""
+    set once it accepts connections; ``share``: the callback connections of the
+    workers on ``sock``, to take this worker's share of them."""
     metrics = Metrics()
     edges = await build_edges(settings, metrics)
     runners: list[web.AppRunner] = []
@@ -91,6 +97,7 @@ async def serve_sockets(
             runner,
             sock,
             limit=connection_cap(limits.max_connections),
+            share=share,
             ssl_context=server_ssl_context(settings),
         ).start()
         if metrics_sock is not None:
@@ -119,7 +126,10 @@ async def serve_sockets(
 
 
 def _worker_main(
-    settings: Settings, sock: socket.socket, metrics_sock: socket.socket | None
+    settings: Settings,
+    sock: socket.socket,
+    metrics_sock: socket.socket | None,
+    share: AcceptShare | None = None,
 ) -> None:
     configure_logging(settings.log_level)
 
@@ -133,7 +143,9 @@ def _worker_main(
         # runaway evaluation, and start-up (loading the engine, compiling a large
         # policy set on a busy node) may hold the loop longer than a decision may.
         serving = asyncio.Event()
-        server = asyncio.create_task(serve_sockets(settings, sock, metrics_sock, stop, serving))
+        server = asyncio.create_task(
+            serve_sockets(settings, sock, metrics_sock, stop, serving, share)
+        )
         started = asyncio.create_task(serving.wait())
         await asyncio.wait({server, started}, return_when=asyncio.FIRST_COMPLETED)
         started.cancel()
@@ -169,12 +181,20 @@ class Supervisor:
         self._metrics_sock = metrics_sock
         self._ctx = multiprocessing.get_context("fork")
         self._slots = [Slot(i) for i in range(settings.workers)]
+        # Each worker's open callback connections; a worker writes its own slot.
+        self._held = self._ctx.RawArray("i", [NOT_SERVING] * settings.workers)
         self._stopping = False
 
     def _start(self, slot: Slot) -> None:
+        self._held[slot.index] = NOT_SERVING  # until the new worker serves
         proc = self._ctx.Process(
             target=_worker_main,
-            args=(self._settings, self._sock, self._metrics_sock),
+            args=(
+                self._settings,
+                self._sock,
+                self._metrics_sock,
+                AcceptShare(self._held, slot.index),
+            ),
             name=f"identityd-worker-{slot.index}",
             daemon=False,
         )
@@ -199,6 +219,7 @@ class Supervisor:
 
             multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
         slot.process = None
+        self._held[slot.index] = NOT_SERVING  # its count died with it
         slot.restarts += 1
         # Crash loop: back off exponentially with jitter; a healthy run resets it.
         slot.delay = (

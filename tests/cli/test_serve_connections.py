@@ -10,7 +10,7 @@ import logging
 import resource
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,8 +18,12 @@ import aiohttp
 import pytest
 
 from identityd.cli.connections import (
+    DEFER_SECONDS,
+    NOT_SERVING,
     RESERVED_DESCRIPTORS,
-    CountingListener,
+    TAKE_ALL_SECONDS,
+    Acceptor,
+    AcceptShare,
     ThrottledLoopErrors,
     connection_cap,
 )
@@ -121,56 +125,99 @@ async def test_connections_over_the_cap_are_closed_at_once_and_service_resumes(
     assert await legit(server, cluster, pods) == 200
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_worker_with_no_more_connections_than_its_siblings_takes_a_new_one() -> None:
+    counts = [NOT_SERVING, NOT_SERVING, NOT_SERVING]
+    share = AcceptShare(counts, 0, clock=Clock())
+    assert not share.defer(5)  # alone: no sibling serves
+    counts[1], counts[2] = 5, 9
+    assert not share.defer(5)  # as few as the fewest
+    assert counts[0] == 5  # and says so
+    share.leave()
+    assert counts[0] == NOT_SERVING
+
+
+def test_a_worker_ahead_leaves_a_new_connection_to_a_sibling_for_a_moment_only() -> None:
+    clock = Clock()
+    counts = [6, 5]
+    share = AcceptShare(counts, 0, clock=clock)
+    assert share.defer(6)
+    clock.now += DEFER_SECONDS / 2
+    assert share.defer(6)  # the same pending connection, still left to the sibling
+    clock.now += DEFER_SECONDS
+    assert not share.defer(6)  # the sibling did not take it: take it
+    clock.now += TAKE_ALL_SECONDS / 2
+    assert not share.defer(7)  # and do not wait for that sibling again for a while
+    clock.now += TAKE_ALL_SECONDS
+    assert share.defer(8)
+    counts[1] = 8  # the sibling took its share meanwhile
+    assert not share.defer(8)
+
+
+def test_a_new_connection_after_a_pause_gets_a_new_wait() -> None:
+    clock = Clock()
+    share = AcceptShare([3, 1], 0, clock=clock)
+    assert share.defer(3)
+    clock.now += 10 * DEFER_SECONDS  # the sibling took that one; another comes later
+    assert share.defer(3)
+
+
 async def test_a_burst_of_connections_is_shared_by_the_workers_on_one_socket() -> None:
-    # Two listeners on one socket, as two forked workers hold it. A CA opens its
-    # keep-alive pool in a burst; asyncio alone lets the first listener take all of it.
+    # Two acceptors on one socket sharing counts, as two forked workers hold it.
+    # A CA opens its keep-alive pool in a burst; asyncio alone lets the first to
+    # wake take all of it.
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
     sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    taken = {"a": 0, "b": 0}
+    taken = {0: 0, 1: 0}
+    counts = [NOT_SERVING, NOT_SERVING]
 
-    def counting(name: str) -> type[asyncio.Protocol]:
+    def counting(index: int) -> Callable[[], asyncio.Protocol]:
         class Count(asyncio.Protocol):
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                taken[name] += 1
+                taken[index] += 1
 
         return Count
 
-    clients = []
-    for _ in range(20):  # queued in the backlog before either listener is served
-        client = socket.create_connection(sock.getsockname())
-        clients.append(client)
-    servers = [
-        await loop.create_server(counting(name), sock=CountingListener(sock, limit=100))
-        for name in taken
+    clients = [socket.create_connection(sock.getsockname()) for _ in range(20)]
+    acceptors = [
+        Acceptor(sock, counting(i), limit=100, share=AcceptShare(counts, i)) for i in taken
     ]
+    for acceptor in acceptors:
+        acceptor.start()
     for _ in range(200):
         if sum(taken.values()) == 20:
             break
         await asyncio.sleep(0.01)
-    for server in servers:
-        server.close()
+    for acceptor in acceptors:
+        acceptor.stop()
     for client in clients:
         client.close()
     sock.close()
     assert sum(taken.values()) == 20
-    assert abs(taken["a"] - taken["b"]) <= 2, taken
+    assert abs(taken[0] - taken[1]) <= 1, taken
+    assert counts == [NOT_SERVING, NOT_SERVING]  # both left
 
 
-def test_a_listener_hands_over_one_connection_per_round() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(8)
-        clients = [socket.create_connection(sock.getsockname()) for _ in range(2)]
-        listener = CountingListener(sock, limit=8)
-        first, _ = listener.accept()
-        with pytest.raises(BlockingIOError):  # asyncio ends its round of accepts here
-            listener.accept()
-        second, _ = listener.accept()  # the next round takes the next one
-        for conn in (first, second, *clients, listener):
-            conn.close()
+async def test_an_acceptor_stops_without_closing_the_shared_socket() -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    acceptor = Acceptor(sock, asyncio.Protocol, limit=8)
+    acceptor.start()
+    acceptor.stop()
+    assert sock.fileno() != -1  # the worker's copy; the other workers' live on
+    with socket.create_connection(sock.getsockname()):
+        pass
+    sock.close()
 
 
 def test_the_cap_stays_below_the_open_file_limit() -> None:

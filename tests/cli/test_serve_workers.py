@@ -4,6 +4,7 @@ its watchdog), is replaced while the other keeps serving."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -145,6 +146,63 @@ def test_dead_worker_is_restarted_while_the_other_serves(
     assert victim not in now and len(now) == 2
     wait_ready(port, proc)
     assert post(port, cluster.confirmation(pod)) == 200
+
+
+def established(pid: int, port: int) -> int:
+    """The connections to ``port`` that process ``pid`` holds open."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].rsplit(":", 1)[1], 16)
+        if local_port == port and fields[3] == "01" and fields[9] in inodes:
+            count += 1
+    return count
+
+
+def wait_until_both_accept(port: int, workers: list[int]) -> None:
+    """Ready means one worker serves; the other may still be loading its policies."""
+    deadline = time.monotonic() + 30
+    seen: set[int] = set()
+    while seen != set(workers):
+        assert time.monotonic() < deadline, f"only {seen} accepted"
+        with socket.create_connection(("127.0.0.1", port)):
+            for _ in range(100):
+                held = {w for w in workers if established(w, port)}
+                if held:
+                    seen |= held
+                    break
+                time.sleep(0.01)
+        time.sleep(0.05)
+    time.sleep(0.1)  # the probes' closes reach the workers
+
+
+def test_a_keep_alive_pool_opened_in_a_burst_is_split_evenly_between_the_workers(
+    server: tuple[subprocess.Popen[bytes], int, DevCluster],
+) -> None:
+    # A CA opens its pool at once and spreads requests over it, so each worker's
+    # share of the connections is its share of the load.
+    proc, port, _ = server
+    workers = sorted(children(proc.pid))
+    wait_until_both_accept(port, workers)
+    pool = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            held = [established(w, port) for w in workers]
+            if sum(held) == 40:
+                break
+            time.sleep(0.05)
+        assert sum(held) == 40
+        assert abs(held[0] - held[1]) <= 2, held
+    finally:
+        for conn in pool:
+            conn.close()
 
 
 # Takes seconds in regopy for one request naming the host "wedge"; instant otherwise.
