@@ -40,7 +40,7 @@ from identityd.policy.embedded import EmbeddedEngine
 from identityd.policy.leader import LeaderElectionSettings, LeaderElector, new_identity
 from identityd.policy.opa import OPAEngine
 from identityd.policy.reload import DirectorySource, PolicyReloader, ReloadOutcome
-from identityd.settings import DEFAULT_POLICY_RELOAD_SECONDS, Settings, host_port
+from identityd.settings import DEFAULT_POLICY_RELOAD_SECONDS, Settings, TLSSettings, host_port
 from identityd.tokens.base import TokenVerifier
 from identityd.tokens.jwks import JWKSVerifier
 from identityd.tokens.tokenreview import TokenReviewMetrics, TokenReviewVerifier, jwks_key_source
@@ -310,6 +310,14 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
                 "CONFIG_ERROR", "--client-ca/--allowed-client need --tls-cert/--tls-key"
             )
         return None
+    if tls.allowed_clients and not tls.client_ca:
+        raise ConfigError("CONFIG_ERROR", "--allowed-client needs --client-ca")
+    return tls_context(tls)
+
+
+def tls_context(tls: TLSSettings) -> ssl.SSLContext:
+    """The server's TLS context from the files ``tls`` names, read now; ConfigError
+    when one cannot be read or they do not fit (a key that is not the certificate's)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     # TLS 1.2: forward-secret AEAD suites only (TLS 1.3's are all AEAD). No
@@ -325,8 +333,6 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
             ctx.verify_mode = ssl.CERT_REQUIRED
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError("CONFIG_ERROR", f"TLS files: {exc}") from exc
-    if tls.allowed_clients and not tls.client_ca:
-        raise ConfigError("CONFIG_ERROR", "--allowed-client needs --client-ca")
     return ctx
 
 

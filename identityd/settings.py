@@ -63,6 +63,7 @@ DEFAULT_MAX_CONNECTIONS = 512
 # A connection must complete a request head within this long of opening or of its
 # previous answer, else it is closed (idle keep-alive, or a head sent a byte at a time).
 DEFAULT_IDLE_TIMEOUT_SECONDS = 30.0
+DEFAULT_TLS_RELOAD_SECONDS = 30.0
 
 # Certificates.
 DEFAULT_CERT_EXPIRY_MINUTES = 60 * 24
@@ -82,6 +83,13 @@ class TLSSettings:
     # CN or SAN (DNS/URI) values a client certificate must carry one of; empty = any
     # certificate that chains to client_ca.
     allowed_clients: tuple[str, ...] = ()
+    # How often the certificate, key and client-CA files are checked for a change
+    # (a rotated Secret); 0: never, the files read at start-up stay in force.
+    reload_seconds: float = DEFAULT_TLS_RELOAD_SECONDS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.reload_seconds, bool) or not self.reload_seconds >= 0:
+            raise ValueError(f"reload_seconds: must not be negative, got {self.reload_seconds}")
 
     @property
     def enabled(self) -> bool:

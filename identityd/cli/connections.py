@@ -164,7 +164,7 @@ class Acceptor:
         protocol_factory: Callable[[], asyncio.BaseProtocol],
         *,
         limit: int,
-        ssl_context: ssl.SSLContext | None = None,
+        tls: Callable[[], ssl.SSLContext] | None = None,
         share: AcceptShare | None = None,
     ) -> None:
         # Our own descriptor: closing it at stop leaves the caller's socket open.
@@ -172,7 +172,7 @@ class Acceptor:
         self._sock.setblocking(False)
         self._factory = protocol_factory
         self.limit = limit
-        self._ssl = ssl_context
+        self._tls = tls  # the context for the next connection (TLSFiles.context)
         self.share = share
         self.refused = 0
         self._open: list[socket.socket] = []
@@ -238,12 +238,13 @@ class Acceptor:
 
     async def _hand_over(self, conn: socket.socket) -> None:
         assert self._loop is not None
+        context = self._tls() if self._tls is not None else None
         try:
             await self._loop.connect_accepted_socket(
                 self._factory,
                 conn,
-                ssl=self._ssl,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_SECONDS if self._ssl else None,
+                ssl=context,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_SECONDS if context else None,
             )
         # A failed or timed-out handshake, or a client gone before it: its own
         # business, as in asyncio's server; the connection is closed.
@@ -282,7 +283,7 @@ class CappedSockSite(web.BaseSite):
     """An aiohttp site on an already-bound socket, accepting through an
     :class:`Acceptor` (``web.SockSite`` hands the socket to asyncio's server)."""
 
-    __slots__ = ("_acceptor", "_limit", "_share", "_sock")
+    __slots__ = ("_acceptor", "_limit", "_share", "_sock", "_tls")
 
     def __init__(
         self,
@@ -292,9 +293,15 @@ class CappedSockSite(web.BaseSite):
         limit: int,
         share: AcceptShare | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        tls: Callable[[], ssl.SSLContext] | None = None,
     ) -> None:
+        """``tls``: the context for each new connection, when it can change
+        (identityd/cli/tls_reload.py); else ``ssl_context`` throughout."""
         super().__init__(runner, ssl_context=ssl_context)
         self._sock, self._limit, self._share = sock, limit, share
+        if tls is None and ssl_context is not None:
+            tls = lambda: ssl_context  # noqa: E731
+        self._tls = tls
         self._acceptor: Acceptor | None = None
 
     @property
@@ -312,7 +319,7 @@ class CappedSockSite(web.BaseSite):
         if server is None:
             raise RuntimeError("the runner is not set up")
         self._acceptor = Acceptor(
-            self._sock, server, limit=self._limit, ssl_context=self._ssl_context, share=self._share
+            self._sock, server, limit=self._limit, tls=self._tls, share=self._share
         )
         self._acceptor.start()
 

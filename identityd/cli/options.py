@@ -244,6 +244,13 @@ OPTIONS: tuple[Option, ...] = (
         repeat=True,
     ),
     Option(
+        "--tls-reload-interval",
+        "tls.reload_seconds",
+        "check the certificate, key and client-CA files this often and serve new "
+        "connections with them once they change and load, seconds (0: never)",
+        float,
+    ),
+    Option(
         "--log-level", "log_level", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR")
     ),
 )
@@ -325,9 +332,9 @@ def build_settings(values: Mapping[str, Any], base: Settings | None = None) -> S
         sections[section][name] = value
     identity: IdentitySettings = replace(settings.identity, **sections["identity"])
     tokens: TokenSettings = replace(settings.tokens, **sections["tokens"])
-    tls: TLSSettings = replace(settings.tls, **sections["tls"])
     cluster: ClusterSettings = replace(settings.cluster, **sections["cluster"])
     try:
+        tls: TLSSettings = replace(settings.tls, **sections["tls"])
         limits: LimitSettings = replace(settings.limits, **sections["limits"])
     except ValueError as exc:
         raise ConfigError("CONFIG_ERROR", str(exc)) from exc

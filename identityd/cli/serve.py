@@ -42,6 +42,7 @@ from identityd.cli.connections import (
     raise_open_file_limit,
     runner_options,
 )
+from identityd.cli.tls_reload import TLSFiles
 from identityd.cli.watchdog import LoopWatchdog, stall_limit
 from identityd.errors import IdentitydError
 from identityd.metrics import Metrics, enable_multiprocess
@@ -93,12 +94,15 @@ async def serve_sockets(
         )
         await runner.setup()
         runners.append(runner)
+        ssl_context = server_ssl_context(settings)
+        tls_files = TLSFiles(settings.tls, ssl_context) if ssl_context is not None else None
         await CappedSockSite(
             runner,
             sock,
             limit=connection_cap(limits.max_connections),
             share=share,
-            ssl_context=server_ssl_context(settings),
+            ssl_context=ssl_context,
+            tls=tls_files.context if tls_files is not None else None,
         ).start()
         if metrics_sock is not None:
             probes = create_app(settings, edges, metrics=metrics, callback=False)

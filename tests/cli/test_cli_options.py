@@ -68,6 +68,8 @@ def test_json_config_file(tmp_path: Path) -> None:
         ("", {"IDENTITYD_WORKERS": "0"}),
         ("", {"IDENTITYD_ALLOW_REFRESH": "maybe"}),
         ("", {"IDENTITYD_CERT_USAGE": "both"}),
+        ("", {"IDENTITYD_TLS_RELOAD_INTERVAL": "-1"}),
+        ("", {"IDENTITYD_TLS_RELOAD_INTERVAL": "nan"}),
     ],
 )
 def test_bad_configuration_is_a_config_error(

@@ -24,6 +24,7 @@ from identityd.callback.limits import client_key
 from identityd.callback.peer import certificate_valid_now
 from identityd.cli import connections
 from identityd.cli.serve import serve_sockets
+from identityd.cli.tls_reload import TLSFiles
 from identityd.devca.workload import DevCluster
 from identityd.errors import ConfigError
 from identityd.keys.certs import CertificateAuthority
@@ -70,7 +71,9 @@ async def tls_server(
 
 
 @contextlib.asynccontextmanager
-async def serving(world: TLSWorld, settings: Settings) -> AsyncIterator[int]:
+async def serving(
+    world: TLSWorld, settings: Settings, reload_seconds: float = 30.0
+) -> AsyncIterator[int]:
     """``identityd serve``'s server on TLS with the world's files; its port."""
     settings = replace(
         settings,
@@ -79,6 +82,7 @@ async def serving(world: TLSWorld, settings: Settings) -> AsyncIterator[int]:
             key=world.server_key,
             client_ca=world.client_ca_file,
             allowed_clients=("zts.athenz.io", "spiffe://athenz/sa/zts"),
+            reload_seconds=reload_seconds,
         ),
     )
     sock = socket.socket()
@@ -297,3 +301,99 @@ async def test_connections_stuck_in_the_handshake_count_and_are_closed(
             port, world.client_context(world.client_ca), cluster.confirmation(pods.api)
         )
         assert status == 200
+
+
+# --- certificate rotation: the files are read again when they change ----------------
+
+
+async def served_serial(port: int, world: TLSWorld) -> int:
+    """The serial number of the certificate a new connection is served."""
+    ctx = world.client_context(world.client_ca)
+    _, writer = await asyncio.open_connection("localhost", port, ssl=ctx)
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    await writer.wait_closed()
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def replace_file(path: str, data: bytes) -> None:
+    """As a kubelet or cert-manager does: the new contents appear at once."""
+    tmp = Path(path + ".new")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+async def serial_after(port: int, world: TLSWorld, before: int, seconds: float = 5.0) -> int:
+    deadline = time.monotonic() + seconds
+    serial = before
+    while serial == before and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        serial = await served_serial(port, world)
+    return serial
+
+
+async def test_a_rotated_certificate_is_served_to_new_connections_without_a_restart(
+    cluster: DevCluster, pods: Pods, tmp_path: Path
+) -> None:
+    world = TLSWorld(tmp_path)
+    async with serving(world, make_settings(cluster, tmp_path), reload_seconds=0.1) as port:
+        first = await served_serial(port, world)
+        renewed = world.ca.issue(
+            "sys.auth.k8s", dns=["localhost"], ips=["127.0.0.1"], usage="server"
+        )
+        replace_file(world.server_key, renewed.key_pem)
+        replace_file(world.server_cert, renewed.cert_pem)
+        expected = x509.load_pem_x509_certificate(renewed.cert_pem).serial_number
+        assert await serial_after(port, world, first) == expected
+        status, _ = await post(
+            port, world.client_context(world.client_ca), cluster.confirmation(pods.api)
+        )
+        assert status == 200
+
+
+async def test_files_that_do_not_load_leave_the_certificate_in_force(
+    cluster: DevCluster, pods: Pods, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    world = TLSWorld(tmp_path)
+    async with serving(world, make_settings(cluster, tmp_path), reload_seconds=0.1) as port:
+        first = await served_serial(port, world)
+        renewed = world.ca.issue(
+            "sys.auth.k8s", dns=["localhost"], ips=["127.0.0.1"], usage="server"
+        )
+        # The certificate arrives before its key: the pair does not fit yet.
+        replace_file(world.server_cert, renewed.cert_pem)
+        for _ in range(6):
+            await asyncio.sleep(0.05)
+            assert await served_serial(port, world) == first
+        assert "TLS files changed but do not load" in caplog.text
+        replace_file(world.server_key, renewed.key_pem)
+        expected = x509.load_pem_x509_certificate(renewed.cert_pem).serial_number
+        assert await serial_after(port, world, first) == expected
+
+
+def test_the_files_are_checked_once_per_interval_and_never_with_0(tmp_path: Path) -> None:
+    world = TLSWorld(tmp_path)
+    built: list[TLSSettings] = []
+
+    def build(tls: TLSSettings) -> ssl.SSLContext:
+        built.append(tls)
+        return ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+
+    now = [0.0]
+    tls = TLSSettings(cert=world.server_cert, key=world.server_key, reload_seconds=10)
+    initial = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    files = TLSFiles(tls, initial, clock=lambda: now[0], build=build)
+    renewed = world.ca.issue("sys.auth.k8s", usage="server")
+    replace_file(world.server_cert, renewed.cert_pem)
+    now[0] = 9.0
+    assert files.context() is initial  # not checked yet
+    now[0] = 10.0
+    assert files.context() is not initial and len(built) == 1
+    now[0] = 30.0
+    files.context()
+    assert len(built) == 1  # unchanged since: not built again
+
+    never = TLSFiles(replace(tls, reload_seconds=0), initial, clock=lambda: now[0], build=build)
+    replace_file(world.server_cert, world.ca.issue("x", usage="server").cert_pem)
+    now[0] = 10**6
+    assert never.context() is initial and len(built) == 1
