@@ -6,8 +6,9 @@ Refresh is tried when the output directory holds a certificate for this pod
 that is still valid (it authenticates the refresh); if the CA refuses the
 refresh (say it forgot the instance, or certRefresh was false) the same attempt
 registers again with the token. The current files are replaced only by a
-certificate that is for the new key, names the planned CN and chains to the
-CA's signer — a failure of any kind leaves them as they are.
+certificate that is for the new key, names the planned CN and SAN URIs (and no
+other SPIFFE ID or instance), is valid now and chains to the CA's signer — a
+failure of any kind leaves them as they are.
 """
 
 from __future__ import annotations
@@ -26,14 +27,16 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from identityd.errors import Denied, IdentitydError, Unavailable
+from identityd.errors import ConfigError, Denied, IdentitydError, Unavailable
 from identityd.keys.ca_pem import CertFacts, cert_facts
 from identityd.keys.csr import PrivateKey, build_csr, generate_key, key_to_pem, public_key_sha256
 from identityd.keys.zts_wire import (
+    INSTANCE_ID_URI_PREFIX,
     InstanceIdentity,
     InstanceRefreshInformation,
     InstanceRegisterInformation,
 )
+from identityd.settings import CLOCK_SKEW_SECONDS
 from identityd.sia.client import ZTSClient
 from identityd.sia.config import AgentConfig
 from identityd.sia.files import Material, read_current, write_material
@@ -123,7 +126,11 @@ class Agent:
         plan = plan_certificate(facts, cfg)
         current = self._refreshable(plan)
         key = generate_key(cfg.key_type, cfg.key_bits)
-        csr = build_csr(key, cn=plan.common_name, dns=plan.dns, ips=plan.ips, uris=plan.uris)
+        try:
+            csr = build_csr(key, cn=plan.common_name, dns=plan.dns, ips=plan.ips, uris=plan.uris)
+        except ValueError as exc:
+            # A name cryptography refuses (say a non-ASCII --dns-suffix): configuration.
+            raise ConfigError("SIA_NAME_INVALID", f"the certificate's names: {exc}") from exc
         identity: InstanceIdentity | None = None
         kind = "instance"
         if current is not None:
@@ -155,7 +162,14 @@ class Agent:
             identity = await self._client.register(register)
         previous_ca = current[1].ca_pem if current is not None else None
         material, cert = self._accept(identity, key, plan, previous_ca)
-        directory = write_material(cfg.out_dir, material)
+        try:
+            directory = write_material(cfg.out_dir, material)
+        except OSError as exc:
+            # Configuration (or a full disk): exit 2 with --once, retried with backoff in
+            # the loop, never a traceback. Names the file, never its content.
+            raise ConfigError(
+                "SIA_OUTPUT_UNWRITABLE", f"{exc.filename or cfg.out_dir}: {exc.strerror}"
+            ) from exc
         issued = Issued(kind=kind, directory=directory, plan=plan, facts=cert_facts(cert))
         log.info(
             "%s %s instance %s: certificate serial %x valid until %s, written to %s",
@@ -213,11 +227,14 @@ class Agent:
             cert = x509.load_pem_x509_certificate(identity["x509Certificate"].encode("ascii"))
             signer_pem = identity.get("x509CertificateSigner", "").encode("ascii") or previous_ca
             signers = x509.load_pem_x509_certificates(signer_pem) if signer_pem else []
-        except (ValueError, UnicodeEncodeError) as exc:
+            # Extensions and the key are parsed lazily, here: a garbled SAN raises
+            # ValueError, DuplicateExtension, UnsupportedAlgorithm, ... (no common base).
+            facts = cert_facts(cert)
+        except Exception as exc:  # the boundary with the CA's answer
             raise Unavailable(
-                "CA_BAD_RESPONSE", "the certificate or signer does not parse"
+                "CA_BAD_RESPONSE",
+                f"the certificate or signer does not parse ({type(exc).__name__})",
             ) from exc
-        facts = cert_facts(cert)
         if facts.public_key_sha256 != public_key_sha256(key.public_key()):
             raise Unavailable("CA_BAD_RESPONSE", "the certificate is not for the agent's key")
         if facts.common_name != plan.common_name:
@@ -225,8 +242,28 @@ class Agent:
                 "CA_BAD_RESPONSE",
                 f"certificate CN {facts.common_name!r}, expected {plan.common_name!r}",
             )
-        if facts.not_after.timestamp() <= self._clock():
+        uris = set(facts.uris)
+        missing = [uri for uri in plan.uris if uri not in uris]
+        if missing:
+            raise Unavailable("CA_BAD_RESPONSE", f"the certificate lacks SAN URI {missing[0]}")
+        # Another SPIFFE ID or instance beside ours would be another identity.
+        foreign = sorted(
+            uri
+            for uri in uris - set(plan.uris)
+            if uri.startswith(("spiffe://", INSTANCE_ID_URI_PREFIX))
+        )
+        if foreign:
+            raise Unavailable("CA_BAD_RESPONSE", f"the certificate also names {foreign[0]}")
+        now = self._clock()
+        if facts.not_after.timestamp() <= now:
             raise Unavailable("CA_BAD_RESPONSE", "the certificate has already expired")
+        # A certificate from a CA whose clock runs ahead would replace a working one
+        # with one that peers refuse until its notBefore.
+        if facts.not_before.timestamp() > now + CLOCK_SKEW_SECONDS:
+            raise Unavailable(
+                "CA_BAD_RESPONSE",
+                f"the certificate is not valid yet (notBefore {facts.not_before.isoformat()})",
+            )
         if not any(_issued_by(cert, signer) for signer in signers):
             raise Unavailable("CA_BAD_RESPONSE", "the certificate does not chain to the signer")
         material = Material(

@@ -3,7 +3,9 @@
 aiohttp errors stop here. A 4xx answer is ``Denied("CA_REFUSED")`` carrying the
 CA's message (the provider's reason codes); a 5xx, a timeout or no connection is
 ``Unavailable`` (retried with backoff); a 2xx that is not an InstanceIdentity is
-``Unavailable("CA_BAD_RESPONSE")``.
+``Unavailable("CA_BAD_RESPONSE")``. Redirects are not followed (a 307/308 re-posts the
+body, token included, wherever it points, plain HTTP too): a 3xx is ``Unavailable``.
+Anything shaped like a JWT is cut out of the CA's message before it is reported.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from identityd.keys.zts_wire import (
 MAX_ANSWER_BYTES = 256 * 1024
 MAX_MESSAGE_CHARS = 512
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A JWT (or the start of one a message cut short): base64url JSON ``{"...`` then parts.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){0,2}")
 
 
 def base_url(url: str) -> str:
@@ -43,7 +47,9 @@ def _message(raw: bytes) -> str:
         text = str(doc.get("message", "")) if isinstance(doc, dict) else ""
     except ValueError:
         text = raw.decode("utf-8", "replace")
-    return _CONTROL.sub(" ", text).strip()[:MAX_MESSAGE_CHARS] or "(no message)"
+    # Redacted before it is cut, so a cut cannot leave a token's tail unrecognised.
+    text = _JWT.sub("<jwt>", _CONTROL.sub(" ", text))
+    return text.strip()[:MAX_MESSAGE_CHARS] or "(no message)"
 
 
 def _identity(doc: Any) -> InstanceIdentity:
@@ -107,10 +113,17 @@ class ZTSClient:
         try:
             async with (
                 aiohttp.ClientSession(timeout=self._timeout) as http,
-                http.post(self._base + path, json=body, ssl=ctx) as resp,
+                http.post(self._base + path, json=body, ssl=ctx, allow_redirects=False) as resp,
             ):
-                raw = await resp.content.read(MAX_ANSWER_BYTES + 1)
                 status = resp.status
+                # read(n) returns what has arrived so far (one chunk, one TLS record):
+                # read until the end or just past the limit.
+                raw = b""
+                while len(raw) <= MAX_ANSWER_BYTES:
+                    chunk = await resp.content.read(MAX_ANSWER_BYTES + 1 - len(raw))
+                    if not chunk:
+                        break
+                    raw += chunk
         except aiohttp.ClientConnectorCertificateError as exc:
             raise Unavailable(
                 "CA_UNREACHABLE", f"the CA's certificate does not verify: {exc.certificate_error}"

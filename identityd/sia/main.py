@@ -82,8 +82,12 @@ async def _loop(config: AgentConfig) -> int:
 
 def sia_main(args: argparse.Namespace) -> int:
     """Entry point for ``identityd sia`` (``args`` from a parser given :func:`add_arguments`)."""
+    level = logging.getLevelNamesMapping().get(str(args.log_level).upper())
+    if level is None:
+        print(f"identityd sia: --log-level: unknown level {args.log_level!r}", file=sys.stderr)
+        return EXIT_USAGE
     logging.basicConfig(
-        level=args.log_level,
+        level=level,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )

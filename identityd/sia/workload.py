@@ -10,6 +10,7 @@ request goes out as the environment says — identityd then refuses it.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,17 @@ from identityd.sia.config import (
     ENV_SERVICE_ACCOUNT,
     AgentConfig,
 )
+
+# Names as Kubernetes makes them (DNS-1123 labels; a UID is a UUID), which is also what
+# the certificate's names can carry: a namespace becomes an Athenz domain and a DNS
+# label, a service account an Athenz SimpleName (no ".": sports + web.api would ask
+# for the CN of sports.web + api) and a DNS label, the uid a DNS label. Anything else
+# (",", "/", upper case, non-ASCII) would only be refused later, or split a
+# comma-joined SAN list on the way.
+_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
+_UID = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9]{0,61}[A-Za-z0-9])?")
+# RFC 5280 ub-common-name; cryptography refuses a longer CN.
+MAX_CN_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -134,7 +146,23 @@ def pod_facts(claims: Mapping[str, Any], env: Mapping[str, str]) -> PodFacts:
     return PodFacts(ips=_ips(env), conflicts=tuple(conflicts), **facts)
 
 
+def _check_names(facts: PodFacts) -> None:
+    for what, value, form in (
+        ("namespace", facts.namespace, _LABEL),
+        ("service account", facts.service_account, _LABEL),
+        ("pod uid", facts.uid, _UID),
+    ):
+        if not form.fullmatch(value):
+            raise ConfigError(
+                "SIA_NAME_INVALID",
+                f"{what} {value[:64]!r} cannot name a certificate: expected {form.pattern}",
+            )
+
+
 def plan_certificate(facts: PodFacts, config: AgentConfig) -> CertPlan:
+    """The names to ask for; ``ConfigError("SIA_NAME_INVALID")`` when the pod's names
+    cannot make them."""
+    _check_names(facts)
     ident = WorkloadIdentity(
         namespace=facts.namespace,
         service_account=facts.service_account,
@@ -144,6 +172,11 @@ def plan_certificate(facts: PodFacts, config: AgentConfig) -> CertPlan:
         trust_domain=config.trust_domain,
     )
     spiffe = ident.athenz_spiffe_uri if config.spiffe == "athenz" else ident.k8s_spiffe_uri
+    if len(ident.common_name) > MAX_CN_CHARS:
+        raise ConfigError(
+            "SIA_NAME_INVALID",
+            f"CN {ident.common_name!r} is longer than {MAX_CN_CHARS} characters (X.509's bound)",
+        )
     dns = [*ident.san_dns(), *(d for d in config.extra_dns if d not in ident.san_dns())]
     return CertPlan(
         provider=config.provider,

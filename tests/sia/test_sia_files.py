@@ -118,3 +118,22 @@ def test_concurrent_readers_never_see_a_mismatched_pair(tmp_path: Path) -> None:
     assert problems == []
     assert reads["bundle"] > 0
     assert reads["generation"] > 0
+
+
+def test_links_planted_in_the_directory_are_replaced_never_written_through(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "certs"
+    out.mkdir()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "key.pem").write_text("not yours")
+    os.symlink(victim / "key.pem", out / "key.pem")
+    os.symlink(victim / "key.pem", out / "bundle.pem")
+    os.symlink(victim, out / DATA_LINK)
+    first = material()
+    generation = write_material(out, first)
+    assert (victim / "key.pem").read_text() == "not yours"
+    assert sorted(p.name for p in victim.iterdir()) == ["key.pem"]
+    assert (out / "key.pem").resolve() == (generation / "key.pem").resolve()
+    assert (out / "key.pem").read_bytes() == first.key_pem
