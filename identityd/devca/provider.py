@@ -112,11 +112,24 @@ class HTTPSProvider:
     async def confirm(self, kind: str, confirmation: InstanceConfirmation) -> Any:
         path = "/instance" if kind == "instance" else "/refresh"
         try:
+            # No redirect is followed: a 307/308 would re-post the confirmation, token
+            # included, wherever it points. Its status is a deny like any non-200.
             async with self._session.post(
-                self._endpoint + path, json=confirmation, ssl=self._ssl, timeout=self._timeout
+                self._endpoint + path,
+                json=confirmation,
+                ssl=self._ssl,
+                timeout=self._timeout,
+                allow_redirects=False,
             ) as resp:
-                raw = await resp.content.read(MAX_ANSWER_BYTES + 1)
                 status = resp.status
+                # read(n) returns what has arrived (a chunk, a TLS record): read on
+                # until the end, or just past the limit.
+                raw = b""
+                while len(raw) <= MAX_ANSWER_BYTES:
+                    chunk = await resp.content.read(MAX_ANSWER_BYTES + 1 - len(raw))
+                    if not chunk:
+                        break
+                    raw += chunk
         except aiohttp.ClientConnectorCertificateError as exc:
             if isinstance(exc.certificate_error, ProviderNameMismatch):
                 raise Denied("PROVIDER_IDENTITY_MISMATCH", str(exc.certificate_error)) from exc

@@ -409,7 +409,7 @@ class OPAEngine:
         session = self._session()
         async with (
             _translated("GET /v1/policies", self._admin_timeout),
-            session.get(f"{self._root}/v1/policies") as response,
+            session.get(f"{self._root}/v1/policies", allow_redirects=False) as response,
         ):
             response.raise_for_status()
             body = await response.json()
@@ -464,7 +464,9 @@ class OPAEngine:
         # No second timeout here: evaluate bounds the whole decision.
         try:
             session = self._session()
-            async with session.post(self._decision_url, data=body, headers=_JSON) as response:
+            async with session.post(
+                self._decision_url, data=body, headers=_JSON, allow_redirects=False
+            ) as response:
                 raw = await response.read()
                 if response.status != 200:
                     raise PolicyUnavailable(

@@ -3,6 +3,8 @@ handshake, so a server that is not the provider never sees the confirmation."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -56,7 +58,13 @@ def pki(tmp_path: Path) -> dict[str, Any]:
 
 
 async def serve(
-    pki: dict[str, Any], *, cn: str, ca: CertificateAuthority | None = None, status: int = 200
+    pki: dict[str, Any],
+    *,
+    cn: str,
+    ca: CertificateAuthority | None = None,
+    status: int = 200,
+    redirect_to: str | None = None,
+    chunked: bool = False,
 ) -> tuple[web.AppRunner, FakeProvider]:
     issuer = ca or pki["ca"]
     server = issuer.issue(cn, dns=["localhost"], ips=["127.0.0.1"], usage="server")
@@ -80,6 +88,21 @@ async def serve(
                 if key == "commonName":
                     client_cn = value
         fake.seen.append((request.path, await request.json(), client_cn))
+        if redirect_to is not None:
+            raise web.HTTPPermanentRedirect(redirect_to + request.path)  # 308: re-post
+        if chunked:
+            body = await request.json()
+            body["attributes"]["certExpiryTime"] = "60"
+            raw = json.dumps(body).encode()
+            resp = web.StreamResponse()
+            resp.content_type = "application/json"
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            for i in range(0, len(raw), 16):
+                await resp.write(raw[i : i + 16])
+                await asyncio.sleep(0.005)  # separate chunks on the wire
+            await resp.write_eof()
+            return resp
         if status != 200:
             return web.json_response(
                 {"code": status, "message": "SAN_DNS_NOT_ALLOWED"}, status=status
@@ -178,3 +201,30 @@ async def test_an_unreachable_provider_is_unavailable(
     with pytest.raises(Unavailable) as err:
         await client(f"https://127.0.0.1:{port}").confirm("instance", CONFIRMATION)
     assert err.value.code == "PROVIDER_UNAVAILABLE"
+
+
+async def test_a_redirect_is_a_deny_and_the_confirmation_goes_nowhere_else(
+    pki: dict[str, Any], client: Callable[[str], HTTPSProvider]
+) -> None:
+    # A 307/308 re-posts the body, attestation token included, wherever it points.
+    elsewhere, sink = await serve(pki, cn=PROVIDER)
+    runner, fake = await serve(pki, cn=PROVIDER, redirect_to=sink.url)
+    try:
+        with pytest.raises(Denied) as err:
+            await client(fake.url).confirm("instance", CONFIRMATION)
+    finally:
+        await runner.cleanup()
+        await elsewhere.cleanup()
+    assert err.value.code == "PROVIDER_DENIED" and "308" in err.value.detail
+    assert len(fake.seen) == 1 and sink.seen == []
+
+
+async def test_an_answer_in_several_chunks_is_read_whole(
+    pki: dict[str, Any], client: Callable[[str], HTTPSProvider]
+) -> None:
+    runner, fake = await serve(pki, cn=PROVIDER, chunked=True)
+    try:
+        answer = await client(fake.url).confirm("instance", CONFIRMATION)
+    finally:
+        await runner.cleanup()
+    assert answer["attributes"]["certExpiryTime"] == "60"
