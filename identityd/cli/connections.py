@@ -29,6 +29,7 @@ import asyncio
 import logging
 import os
 import resource
+import select
 import socket
 import ssl
 import time
@@ -83,8 +84,9 @@ class AcceptShare:
         self._counts = counts
         self._index = index
         self._clock = clock
-        self._deferring_since = float("-inf")
-        self._deferred_last: float | None = None
+        # When this worker began leaving the pending connection(s) to a sibling;
+        # None when it is not.
+        self._deferring_since: float | None = None
         self._take_all_until = float("-inf")
 
     def publish(self, held: int) -> None:
@@ -104,19 +106,23 @@ class AcceptShare:
         )
         now = self._clock()
         if held <= fewest or now < self._take_all_until:
-            self._deferred_last = None
+            self._deferring_since = None
             return False
-        # Deferred at the last call too, and a moment ago: the same pending
-        # connection (the loop asks at each turn while one is); else a new wait.
-        last = self._deferred_last
-        if last is None or now - last > DEFER_SECONDS:
+        # The wait lasts until nothing is pending (``settled``), however late the
+        # loop comes back: measured between calls, a loop turning slower than
+        # DEFER_SECONDS (decisions in line) began a new wait at each call and never
+        # took a connection a stopped sibling left.
+        if self._deferring_since is None:
             self._deferring_since = now
-        self._deferred_last = now
         if now - self._deferring_since < DEFER_SECONDS:
             return True
-        self._deferred_last = None
+        self._deferring_since = None
         self._take_all_until = now + TAKE_ALL_SECONDS
         return False
+
+    def settled(self) -> None:
+        """Nothing is pending any more (a sibling took it): the next is a new wait."""
+        self._deferring_since = None
 
 
 def runner_options(idle_timeout: float) -> dict[str, Any]:
@@ -248,7 +254,11 @@ class Acceptor:
             )
         # A failed or timed-out handshake, or a client gone before it: its own
         # business, as in asyncio's server; the connection is closed.
-        except (OSError, TimeoutError, ssl.SSLError):
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            # Its traceback holds asyncio's frames, whose waiter holds it: a cycle
+            # keeping the SSLProtocol and its 256 KiB buffer until a full collection
+            # (hundreds of MiB under a flood of aborted handshakes).
+            exc.__traceback__ = None
             conn.close()
         except asyncio.CancelledError:
             conn.close()
@@ -263,8 +273,11 @@ class Acceptor:
 
     def _watch_again(self) -> None:
         self._resume = None
-        if self._loop is not None and self._sock.fileno() != -1:
-            self._loop.add_reader(self._sock.fileno(), self._on_readable)
+        if self._loop is None or self._sock.fileno() == -1:
+            return
+        if self.share is not None and not _readable(self._sock):
+            self.share.settled()  # a sibling took what was pending
+        self._loop.add_reader(self._sock.fileno(), self._on_readable)
 
     def _over_limit(self) -> None:
         self.refused += 1
@@ -277,6 +290,14 @@ class Acceptor:
                 self._sock.getsockname(),
                 self.refused,
             )
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether a connection is pending on listening ``sock`` (poll: select() cannot
+    watch a descriptor above 1023)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class CappedSockSite(web.BaseSite):

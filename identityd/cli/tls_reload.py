@@ -6,9 +6,9 @@ served the certificate it started with until a rollout, past its expiry if no
 one rolled out. :class:`TLSFiles` checks the certificate, key and client-CA files
 at most once per ``--tls-reload-interval`` when a connection arrives, and serves
 new connections with the new files once they load together. Files that do not
-load (a key written before its certificate, a truncated file) leave the ones in
-force in place, with a warning, and are tried again at the next check.
-Connections already open keep the certificate they were made with.
+load (a key written before its certificate, a truncated file, a certificate that
+has expired) leave the ones in force in place, with a warning, and are tried
+again at the next check. Connections already open keep the certificate they were made with.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import os
 import ssl
 import time
 from collections.abc import Callable
+
+from cryptography import x509
 
 from identityd.app import tls_context
 from identityd.errors import ConfigError
@@ -41,6 +43,19 @@ def _stamp(paths: tuple[str, ...]) -> _Stamp:
             continue
         stamps.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
     return tuple(stamps)
+
+
+def _check_not_expired(path: str, now: float) -> None:
+    """ConfigError when the first certificate in ``path`` (the server's, as OpenSSL
+    loads it) expired before ``now``."""
+    try:
+        with open(path, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+    except (OSError, ValueError) as exc:
+        raise ConfigError("CONFIG_ERROR", f"TLS files: {path}: {exc}") from exc
+    if cert.not_valid_after_utc.timestamp() < now:
+        expiry = f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
+        raise ConfigError("CONFIG_ERROR", f"TLS files: {path}: the certificate expired at {expiry}")
 
 
 class TLSFiles:
@@ -77,6 +92,9 @@ class TLSFiles:
             return
         try:
             context = self._build(self._tls)
+            # It loads, and every CA would refuse it (a restored backup, a stale
+            # Secret): the certificate in force may still be valid.
+            _check_not_expired(self._tls.cert or "", time.time())
         except ConfigError as exc:
             # Not recorded as seen: the next check tries again (the rest of an
             # update may still be on its way).
