@@ -327,13 +327,18 @@ def tls_context(tls: TLSSettings) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
     ctx.num_tickets = 0
     try:
-        ctx.load_cert_chain(tls.cert or "", tls.key)
+        # An encrypted key is refused, never a pass-phrase prompt on a terminal.
+        ctx.load_cert_chain(tls.cert or "", tls.key, password=_no_pass_phrase)
         if tls.client_ca:
             ctx.load_verify_locations(cafile=tls.client_ca)
             ctx.verify_mode = ssl.CERT_REQUIRED
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError("CONFIG_ERROR", f"TLS files: {exc}") from exc
     return ctx
+
+
+def _no_pass_phrase() -> bytes:
+    return b""
 
 
 def _warn_if_open(settings: Settings) -> None:

@@ -40,14 +40,15 @@ from aiohttp import web
 
 log = logging.getLogger("identityd.serve")
 
-# Descriptors kept for what is not a callback connection: the listening and probe
-# sockets, the API server's watches, OPA, JWKS fetches, log files.
-RESERVED_DESCRIPTORS = 64
+# The probe and metrics port: the kubelet and Prometheus need a few.
+PROBE_MAX_CONNECTIONS = 64
+# Descriptors kept for what is not a callback connection: the probe port's
+# connections, the listening sockets, the API server's watches, OPA, JWKS
+# fetches, log files.
+RESERVED_DESCRIPTORS = PROBE_MAX_CONNECTIONS + 64
 LOOP_ERROR_INTERVAL_SECONDS = 10.0
 # A TLS handshake takes milliseconds; a client that needs longer is not a CA.
 HANDSHAKE_TIMEOUT_SECONDS = 5.0
-# The probe and metrics port: the kubelet and Prometheus need a few.
-PROBE_MAX_CONNECTIONS = 64
 # How long a worker holding more connections than a sibling leaves a new one to it
 # (not watching the socket for a pause at a time), and how long it then takes them
 # itself when the sibling did not (busy evaluating, or stuck).

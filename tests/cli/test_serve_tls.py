@@ -397,3 +397,16 @@ def test_the_files_are_checked_once_per_interval_and_never_with_0(tmp_path: Path
     replace_file(world.server_cert, world.ca.issue("x", usage="server").cert_pem)
     now[0] = 10**6
     assert never.context() is initial and len(built) == 1
+
+
+def test_an_encrypted_key_is_a_configuration_error_not_a_prompt(tmp_path: Path) -> None:
+    world = TLSWorld(tmp_path)
+    key = serialization.load_pem_private_key(Path(world.server_key).read_bytes(), None)
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"pass phrase"),
+    )
+    tls = TLSSettings(cert=world.server_cert, key=write(tmp_path / "enc.key", encrypted))
+    with pytest.raises(ConfigError):
+        server_ssl_context(replace(Settings(), tls=tls))
