@@ -159,7 +159,14 @@ class Acceptor:
     - one per readiness of the socket: asyncio's own server takes up to the backlog
       (100) each time, so the worker that woke first got a whole burst;
     - none while ``limit`` are open, whatever stage (TLS handshake, request,
-      keep-alive) they are in: a new one is closed at once;
+      keep-alive) they are in: the oldest still in its TLS handshake makes room
+      (a client without a certificate can hold a handshake for its 5 s, so ~100
+      connects a second would otherwise keep every slot from the CA), else the
+      new one is closed at once;
+    - none that stalls: ``TCP_USER_TIMEOUT`` (``stall_timeout``) ends a connection
+      whose sent data stays unacknowledged, or whose reader keeps its window shut,
+      that long; aiohttp has no write timeout, so a client that pipelines requests
+      and never reads the answers held its connection for good.
     - none while a sibling worker holds fewer (``share``): the socket is not
       watched for ``PAUSE_SECONDS`` at a time, up to ``DEFER_SECONDS``, and the
       sibling, woken by the same readiness, takes it.
@@ -173,6 +180,7 @@ class Acceptor:
         limit: int,
         tls: Callable[[], ssl.SSLContext] | None = None,
         share: AcceptShare | None = None,
+        stall_timeout: float | None = None,
     ) -> None:
         # Our own descriptor: closing it at stop leaves the caller's socket open.
         self._sock = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
@@ -181,9 +189,12 @@ class Acceptor:
         self.limit = limit
         self._tls = tls  # the context for the next connection (TLSFiles.context)
         self.share = share
+        self._stall_ms = int(stall_timeout * 1000) if stall_timeout else 0
         self.refused = 0
+        self.evicted = 0
         self._open: list[socket.socket] = []
-        self._handshakes: set[asyncio.Task[None]] = set()
+        # Connections being handed over (in their TLS handshake), oldest first.
+        self._handshakes: dict[socket.socket, asyncio.Task[None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resume: asyncio.TimerHandle | None = None
         self._reported = float("-inf")
@@ -203,7 +214,7 @@ class Acceptor:
             self._resume = None
         elif self._loop is not None and self._sock.fileno() != -1:
             self._loop.remove_reader(self._sock.fileno())
-        for task in self._handshakes:
+        for task in self._handshakes.values():
             task.cancel()
         self._sock.close()
 
@@ -231,17 +242,33 @@ class Acceptor:
             self._pause(1.0)
             return
         if held >= self.limit:
-            conn.close()
-            self._over_limit()
-            return
+            if not self._evict_a_handshake():
+                conn.close()
+                self._over_limit()
+                return
+            held -= 1
         conn.setblocking(False)
+        if self._stall_ms and conn.family in (socket.AF_INET, socket.AF_INET6):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self._stall_ms)
         self._open.append(conn)
         if self.share is not None:
             self.share.publish(held + 1)
         assert self._loop is not None
         task = self._loop.create_task(self._hand_over(conn))
-        self._handshakes.add(task)
-        task.add_done_callback(self._handshakes.discard)
+        self._handshakes[conn] = task
+        task.add_done_callback(lambda _: self._handshakes.pop(conn, None))
+
+    def _evict_a_handshake(self) -> bool:
+        """Make room by ending the oldest connection still in its handshake."""
+        for conn, task in self._handshakes.items():
+            if task.done():
+                continue
+            task.cancel()  # its transport closes the socket
+            del self._handshakes[conn]
+            self._open.remove(conn)
+            self.evicted += 1
+            return True
+        return False
 
     async def _hand_over(self, conn: socket.socket) -> None:
         assert self._loop is not None
@@ -305,7 +332,7 @@ class CappedSockSite(web.BaseSite):
     """An aiohttp site on an already-bound socket, accepting through an
     :class:`Acceptor` (``web.SockSite`` hands the socket to asyncio's server)."""
 
-    __slots__ = ("_acceptor", "_limit", "_share", "_sock", "_tls")
+    __slots__ = ("_acceptor", "_limit", "_share", "_sock", "_stall_timeout", "_tls")
 
     def __init__(
         self,
@@ -316,11 +343,13 @@ class CappedSockSite(web.BaseSite):
         share: AcceptShare | None = None,
         ssl_context: ssl.SSLContext | None = None,
         tls: Callable[[], ssl.SSLContext] | None = None,
+        stall_timeout: float | None = None,
     ) -> None:
         """``tls``: the context for each new connection, when it can change
         (identityd/cli/tls_reload.py); else ``ssl_context`` throughout."""
         super().__init__(runner, ssl_context=ssl_context)
         self._sock, self._limit, self._share = sock, limit, share
+        self._stall_timeout = stall_timeout
         if tls is None and ssl_context is not None:
             tls = lambda: ssl_context  # noqa: E731
         self._tls = tls
@@ -341,7 +370,12 @@ class CappedSockSite(web.BaseSite):
         if server is None:
             raise RuntimeError("the runner is not set up")
         self._acceptor = Acceptor(
-            self._sock, server, limit=self._limit, tls=self._tls, share=self._share
+            self._sock,
+            server,
+            limit=self._limit,
+            tls=self._tls,
+            share=self._share,
+            stall_timeout=self._stall_timeout,
         )
         self._acceptor.start()
 

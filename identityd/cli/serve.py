@@ -103,6 +103,7 @@ async def serve_sockets(
             share=share,
             ssl_context=ssl_context,
             tls=tls_files.context if tls_files is not None else None,
+            stall_timeout=limits.idle_timeout_seconds,
         ).start()
         if metrics_sock is not None:
             probes = create_app(settings, edges, metrics=metrics, callback=False)
@@ -114,7 +115,12 @@ async def serve_sockets(
             )
             await probe_runner.setup()
             runners.append(probe_runner)
-            await CappedSockSite(probe_runner, metrics_sock, limit=PROBE_MAX_CONNECTIONS).start()
+            await CappedSockSite(
+                probe_runner,
+                metrics_sock,
+                limit=PROBE_MAX_CONNECTIONS,
+                stall_timeout=limits.idle_timeout_seconds,
+            ).start()
         # What start-up built (modules, the Kubernetes client, policies, the first
         # inventory) lives as long as the worker: out of the collector's sight, a
         # full collection took 0.9 ms instead of 52 ms (a p99 spike, bench/load.py).

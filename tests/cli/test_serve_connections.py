@@ -111,6 +111,39 @@ async def test_a_head_sent_a_byte_at_a_time_is_closed_after_the_idle_timeout(
     assert await legit(server, cluster, pods) == 200
 
 
+def server_side_established(port: int) -> int:
+    """Connections to ``port`` open on the server's side (this process serves it)."""
+    count = 0
+    for line in Path("/proc/self/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+            count += 1
+    return count
+
+
+async def test_a_client_that_never_reads_its_answers_is_cut_off(
+    server: int, cluster: DevCluster, pods: Pods
+) -> None:
+    # aiohttp has no write timeout: pipelined requests whose answers are never read
+    # held the connection, and a slot of the cap, for good.
+    reader = socket.socket()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    reader.connect(("127.0.0.1", server))
+    reader.setblocking(False)
+    ask = b"GET /metrics HTTP/1.1\r\nHost: identityd\r\n\r\n" * 3000
+    with contextlib.suppress(BlockingIOError):
+        reader.send(ask)
+    try:
+        for _ in range(int((10 * IDLE + 5) / 0.1)):
+            if not server_side_established(server):
+                break  # the stalled one is gone
+            await asyncio.sleep(0.1)
+        assert server_side_established(server) == 0
+    finally:
+        reader.close()
+    assert await legit(server, cluster, pods) == 200
+
+
 async def test_connections_over_the_cap_are_closed_at_once_and_service_resumes(
     server: int, cluster: DevCluster, pods: Pods
 ) -> None:

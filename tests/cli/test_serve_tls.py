@@ -276,30 +276,55 @@ def test_an_empty_or_padded_allowed_client_is_a_configuration_error(
         server_ssl_context(replace(make_settings(cluster, tmp_path), tls=tls))
 
 
-async def test_connections_stuck_in_the_handshake_count_and_are_closed(
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> float:
+    """How long until the server closes the connection (fails after ``seconds``)."""
+    started = time.monotonic()
+    with contextlib.suppress(ConnectionResetError):
+        assert await asyncio.wait_for(reader.read(), seconds) == b""
+    return time.monotonic() - started
+
+
+async def test_a_full_cap_of_stuck_handshakes_makes_room_for_the_ca(
     cluster: DevCluster, pods: Pods, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Over TLS aiohttp sees a connection only after its handshake: the cap counts at
-    # accept(), and a handshake has HANDSHAKE_TIMEOUT_SECONDS.
-    monkeypatch.setattr(connections, "HANDSHAKE_TIMEOUT_SECONDS", 0.5)
+    # accept(), and a handshake has HANDSHAKE_TIMEOUT_SECONDS. Connections with no
+    # certificate could keep the cap full; the oldest handshake makes room.
+    monkeypatch.setattr(connections, "HANDSHAKE_TIMEOUT_SECONDS", 1.0)
     world = TLSWorld(tmp_path)
     settings = replace(make_settings(cluster, tmp_path), limits=LimitSettings(max_connections=3))
     async with serving(world, settings) as port:
         await asyncio.sleep(0.2)  # the readiness probe's connection is gone
         stuck = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        started = time.monotonic()
-        with contextlib.suppress(ConnectionResetError):
-            assert await asyncio.wait_for(reader.read(), 2.0) == b""
-        assert time.monotonic() - started < 0.4  # over the cap: closed at once
-        writer.close()
-        for r, w in stuck:  # no ClientHello: each closed by the handshake timeout
-            with contextlib.suppress(ConnectionResetError):
-                assert await asyncio.wait_for(r.read(), 3.0) == b""
-            w.close()
+        await asyncio.sleep(0.1)  # all three accepted, in their handshakes
+        newest = await asyncio.open_connection("127.0.0.1", port)
+        assert await closed_within(stuck[0][0], 0.5) < 0.4  # the oldest made room
         status, _ = await post(
             port, world.client_context(world.client_ca), cluster.confirmation(pods.api)
         )
+        assert status == 200  # the CA is served though the cap was full
+        for r, w in [*stuck[1:], newest]:  # the rest: ended by the handshake timeout
+            assert await closed_within(r, 3.0) < 2.0
+            w.close()
+        stuck[0][1].close()
+
+
+async def test_over_a_cap_of_established_connections_a_new_one_is_closed_at_once(
+    cluster: DevCluster, pods: Pods, tmp_path: Path
+) -> None:
+    world = TLSWorld(tmp_path)
+    settings = replace(make_settings(cluster, tmp_path), limits=LimitSettings(max_connections=3))
+    async with serving(world, settings) as port:
+        await asyncio.sleep(0.2)
+        ctx = world.client_context(world.client_ca)
+        held = [await asyncio.open_connection("localhost", port, ssl=ctx) for _ in range(3)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await closed_within(reader, 2.0) < 0.4
+        writer.close()
+        for _, w in held:
+            w.close()
+        await asyncio.sleep(0.1)
+        status, _ = await post(port, ctx, cluster.confirmation(pods.api))
         assert status == 200
 
 
