@@ -257,6 +257,15 @@ class Agent:
         now = self._clock()
         if facts.not_after.timestamp() <= now:
             raise Unavailable("CA_BAD_RESPONSE", "the certificate has already expired")
+        # Nearly spent on arrival (a CA whose clock runs behind): it would be due for
+        # refresh at once, and the loop would ask every MIN_REFRESH_DELAY_SECONDS; as
+        # a failure it is retried with backoff instead.
+        if facts.not_after.timestamp() - now < MIN_REMAINING_SECONDS:
+            raise Unavailable(
+                "CA_BAD_RESPONSE",
+                f"the certificate ends within {MIN_REMAINING_SECONDS:g} s of its arrival "
+                f"(notAfter {facts.not_after.isoformat()})",
+            )
         # A certificate from a CA whose clock runs ahead would replace a working one
         # with one that peers refuse until its notBefore.
         if facts.not_before.timestamp() > now + CLOCK_SKEW_SECONDS:

@@ -254,6 +254,16 @@ async def test_the_token_is_not_repeated_in_an_error(fake_ca: FakeCA, tmp_path: 
             id="no-instance-uri",
         ),
         pytest.param(
+            # A CA whose clock runs behind by nearly the whole lifetime.
+            lambda csr: sign(
+                csr,
+                not_before=datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1),
+                lifetime=datetime.timedelta(seconds=10),
+            ),
+            "ends within 30 s",
+            id="nearly-spent",
+        ),
+        pytest.param(
             lambda csr: sign(csr, cn="payments.billing"),
             "payments.billing",
             id="other-cn",
