@@ -47,6 +47,7 @@ def test_load_rate_reports_latency_from_schedule_and_dispatch_and_the_stages() -
     assert result["generator_lag_ms"]["p99"] >= 0
     stages = result["server_breakdown_ms"]
     assert stages["policy_ms"] > 0 and stages["handler_ms"] >= stages["policy_ms"]
+    assert result["outside_handler_ms"] > 0  # HTTP and loopback, at this rate
 
 
 def test_load_max_reports_throughput() -> None:
