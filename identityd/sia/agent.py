@@ -191,9 +191,11 @@ class Agent:
         try:
             cert = x509.load_pem_x509_certificate(found[1].cert_pem)
             key = serialization.load_pem_private_key(found[1].key_pem, password=None)
-        except ValueError:
+            facts = cert_facts(cert)
+        # Files someone else may have changed: an encrypted key is a TypeError, a
+        # garbled extension one of several types (no common base). Unusable: register.
+        except Exception:  # noqa: BLE001
             return None
-        facts = cert_facts(cert)
         remaining = facts.not_after.timestamp() - self._clock()
         if (
             facts.common_name != plan.common_name
@@ -211,7 +213,7 @@ class Agent:
             return None
         try:
             facts = cert_facts(x509.load_pem_x509_certificate(found[1].cert_pem))
-        except ValueError:
+        except Exception:  # noqa: BLE001 - as in _refreshable: unusable, not fatal
             return None
         return facts if facts.not_after.timestamp() > self._clock() else None
 

@@ -25,7 +25,7 @@ from identityd.keys.certs import CertificateAuthority
 from identityd.keys.issuer import TokenIssuer
 from identityd.sia.agent import Agent
 from identityd.sia.config import AgentConfig, add_arguments
-from identityd.sia.files import read_current
+from identityd.sia.files import KEY_FILE, read_current
 from identityd.sia.main import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, agent_once, sia_main
 
 UID = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
@@ -394,3 +394,22 @@ def test_an_unknown_log_level_is_a_usage_error(
     )
     assert sia_main(args) == EXIT_USAGE
     assert "--log-level" in capsys.readouterr().err
+
+
+async def test_an_encrypted_key_left_on_disk_means_registering_again(
+    fake_ca: FakeCA, tmp_path: Path
+) -> None:
+    # Files someone changed by hand must not end the loop (a TypeError escaped).
+    agent = Agent(config(fake_ca, tmp_path))
+    first = await agent.attempt()
+    key_file = first.directory / KEY_FILE
+    key = serialization.load_pem_private_key(key_file.read_bytes(), None)
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"by hand"),
+        )
+    )
+    again = await agent.attempt()
+    assert again.kind == "instance"  # not a refresh: that key cannot sign for one
