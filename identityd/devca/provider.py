@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from identityd.errors import ConfigError, Denied, Unavailable
-from identityd.keys.zts_wire import InstanceConfirmation
+from identityd.keys.zts_wire import InstanceConfirmation, read_answer
 
 # ZTS gives a provider this long; identityd answers far sooner (settings.py).
 PROVIDER_TIMEOUT_SECONDS = 10.0
@@ -122,14 +122,7 @@ class HTTPSProvider:
                 allow_redirects=False,
             ) as resp:
                 status = resp.status
-                # read(n) returns what has arrived (a chunk, a TLS record): read on
-                # until the end, or just past the limit.
-                raw = b""
-                while len(raw) <= MAX_ANSWER_BYTES:
-                    chunk = await resp.content.read(MAX_ANSWER_BYTES + 1 - len(raw))
-                    if not chunk:
-                        break
-                    raw += chunk
+                raw = await read_answer(resp.content, MAX_ANSWER_BYTES)
         except aiohttp.ClientConnectorCertificateError as exc:
             if isinstance(exc.certificate_error, ProviderNameMismatch):
                 raise Denied("PROVIDER_IDENTITY_MISMATCH", str(exc.certificate_error)) from exc

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from typing import NotRequired, TypedDict
 from urllib.parse import quote
 
+import aiohttp
+
 ZTS_PREFIX = "/zts/v1"
 INSTANCE_PATH = f"{ZTS_PREFIX}/instance"
 
@@ -100,3 +102,16 @@ def refresh_path(provider: str, domain: str, service: str, instance_id: str) -> 
     """``/zts/v1/instance/{provider}/{domain}/{service}/{instanceId}``, each part escaped."""
     parts = (provider, domain, service, instance_id)
     return "/".join([INSTANCE_PATH, *(quote(part, safe="") for part in parts)])
+
+
+async def read_answer(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """An HTTP answer's body, whole, or its first ``limit`` + 1 bytes when longer (the
+    caller refuses those). ``read(n)`` alone returns what has arrived so far: one
+    chunk, one TLS record."""
+    raw = b""
+    while len(raw) <= limit:
+        chunk = await content.read(limit + 1 - len(raw))
+        if not chunk:
+            break
+        raw += chunk
+    return raw

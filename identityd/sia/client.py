@@ -25,6 +25,7 @@ from identityd.keys.zts_wire import (
     InstanceIdentity,
     InstanceRefreshInformation,
     InstanceRegisterInformation,
+    read_answer,
     refresh_path,
 )
 
@@ -116,14 +117,7 @@ class ZTSClient:
                 http.post(self._base + path, json=body, ssl=ctx, allow_redirects=False) as resp,
             ):
                 status = resp.status
-                # read(n) returns what has arrived so far (one chunk, one TLS record):
-                # read until the end or just past the limit.
-                raw = b""
-                while len(raw) <= MAX_ANSWER_BYTES:
-                    chunk = await resp.content.read(MAX_ANSWER_BYTES + 1 - len(raw))
-                    if not chunk:
-                        break
-                    raw += chunk
+                raw = await read_answer(resp.content, MAX_ANSWER_BYTES)
         except aiohttp.ClientConnectorCertificateError as exc:
             raise Unavailable(
                 "CA_UNREACHABLE", f"the CA's certificate does not verify: {exc.certificate_error}"
