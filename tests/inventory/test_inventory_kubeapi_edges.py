@@ -34,12 +34,8 @@ from identityd.kubeapi import (
     new_api_client,
     watch_timeout,
 )
-from identityd.policy.configmaps import (
-    POLICY_LABEL_SELECTOR,
-    STATUS_ANNOTATION,
-    ConfigMapSettings,
-    ConfigMapSource,
-)
+from identityd.policy.configmap_state import POLICY_LABEL_SELECTOR, STATUS_ANNOTATION
+from identityd.policy.configmaps import ConfigMapSettings, ConfigMapSource
 from identityd.policy.reload import ReloadOutcome, ReloadResult
 from tests.doubles.kube_apiserver import KubeAPIServer
 from tests.doubles.kube_inventory import connection_to, fast_settings, watching

@@ -16,12 +16,8 @@ import pytest
 from identityd.errors import ConfigError
 from identityd.kubeapi import KubeConnection
 from identityd.policy.base import Decision, PolicyEngine
-from identityd.policy.configmaps import (
-    POLICY_LABEL_SELECTOR,
-    STATUS_ANNOTATION,
-    ConfigMapSettings,
-    ConfigMapSource,
-)
+from identityd.policy.configmap_state import POLICY_LABEL_SELECTOR, STATUS_ANNOTATION
+from identityd.policy.configmaps import ConfigMapSettings, ConfigMapSource
 from identityd.policy.embedded import EmbeddedEngine
 from identityd.policy.opa import OPAEngine
 from identityd.policy.reload import PolicyReloader, ReloadOutcome

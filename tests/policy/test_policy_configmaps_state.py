@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from identityd.policy.configmaps import (
+from identityd.policy.configmap_state import (
     STATUS_ANNOTATION,
     PolicyConfigMap,
     PolicyState,

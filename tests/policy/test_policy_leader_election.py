@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from identityd.kubeapi import KubeAPIError, KubeConnection, LeasesAPI
-from identityd.policy.configmaps import STATUS_ANNOTATION, ConfigMapSettings, ConfigMapSource
+from identityd.policy.configmap_state import STATUS_ANNOTATION
+from identityd.policy.configmaps import ConfigMapSettings, ConfigMapSource
 from identityd.policy.embedded import EmbeddedEngine
 from identityd.policy.leader import LeaderElectionSettings, LeaderElector, new_identity
 from identityd.policy.reload import PolicyReloader
