@@ -2,10 +2,10 @@
 
 from identityd.tokens.base import TokenClaims, TokenVerifier
 from identityd.tokens.claims import validate_claims
-from identityd.tokens.jwks import (
+from identityd.tokens.jwks import JWKSVerifier
+from identityd.tokens.key_sources import (
     DiscoveryKeySource,
     FileKeySource,
-    JWKSVerifier,
     KeySource,
     URLKeySource,
     key_source_from_settings,

@@ -62,16 +62,16 @@ from identityd.metrics import LATENCY_BUCKETS
 from identityd.settings import JWKS_FETCH_TIMEOUT_SECONDS, MAX_TOKEN_BYTES, TokenSettings
 from identityd.tokens.base import TokenClaims
 from identityd.tokens.claims import SUBJECT_PREFIX, TokenReason, validate_claims
-from identityd.tokens.jwks import (
+from identityd.tokens.jwks import check_settings
+from identityd.tokens.jws import read_header
+from identityd.tokens.key_sources import (
     DISCOVERY_PATH,
     DiscoveryKeySource,
     KeySource,
     URLKeySource,
-    _check_settings,
-    _redacted,
     is_api_server_url,
     key_source_from_settings,
-    read_header,
+    redacted,
 )
 
 log = logging.getLogger(__name__)
@@ -431,7 +431,7 @@ class TokenReviewVerifier:
         max_token_bytes: int = MAX_TOKEN_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        _check_settings(settings)
+        check_settings(settings)
         if timeout <= 0:
             raise ValueError(f"timeout: must be positive, got {timeout}")
         if cache_seconds < 0 or cache_size < 0:
@@ -528,7 +528,7 @@ class TokenReviewVerifier:
 
 
 class ClusterKeySource:
-    """The API server's JWK Set (a :class:`~identityd.tokens.jwks.KeySource`), fetched
+    """The API server's JWK Set (a :class:`~identityd.tokens.key_sources.KeySource`), fetched
     from ``{host}/openid/v1/jwks`` over one kubernetes_asyncio ApiClient's session (its
     CA bundle and client certificate) with its bearer token, asked for again before
     each fetch.
@@ -610,7 +610,7 @@ class ClusterKeySource:
 
     def __repr__(self) -> str:
         mode = ", discovery" if self._discovery is not None else ""
-        return f"ClusterKeySource({_redacted(self._host)!r}{mode})"
+        return f"ClusterKeySource({redacted(self._host)!r}{mode})"
 
 
 async def cluster_key_source(
@@ -655,7 +655,7 @@ async def jwks_key_source(
         elif path != JWKS_PATH:
             raise ConfigError(
                 "TOKENS_JWKS_API_SERVER",
-                f"tokens.jwks: {_redacted(location)} is the in-cluster API server, which "
+                f"tokens.jwks: {redacted(location)} is the in-cluster API server, which "
                 f"serves its keys at {JWKS_PATH} and {DISCOVERY_PATH} only",
             )
     source = await cluster_key_source(
@@ -668,7 +668,7 @@ async def jwks_key_source(
         log.info(
             "tokens.jwks %s is the in-cluster API server: its keys are fetched from %r "
             "with the cluster CA and the service-account token",
-            _redacted(location),
+            redacted(location),
             source,
         )
     return source

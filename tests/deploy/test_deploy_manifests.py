@@ -27,7 +27,7 @@ from deploy_support import (
 )
 
 from identityd.settings import host_port
-from identityd.tokens.jwks import is_api_server_url
+from identityd.tokens.key_sources import is_api_server_url
 
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
 # A release tag (optionally its -static build), never a floating one.

@@ -18,7 +18,10 @@ from identityd.keys.issuer import TokenIssuer
 from identityd.settings import TokenSettings
 from identityd.tokens.base import TokenClaims
 from identityd.tokens.claims import TokenReason
-from identityd.tokens.jwks import JWKSVerifier, KeySource, parse_jwks, read_header
+from identityd.tokens.jwk import parse_jwks
+from identityd.tokens.jwks import JWKSVerifier
+from identityd.tokens.jws import read_header
+from identityd.tokens.key_sources import KeySource
 
 PROFILE = settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

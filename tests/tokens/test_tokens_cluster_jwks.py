@@ -25,7 +25,8 @@ from identityd.errors import ConfigError, InvalidToken, KeysUnavailable
 from identityd.kubeapi import KubeConnection, new_api_client
 from identityd.settings import ClusterSettings, Settings, TokenSettings
 from identityd.tokens.claims import TokenReason
-from identityd.tokens.jwks import JWKSVerifier, URLKeySource
+from identityd.tokens.jwks import JWKSVerifier
+from identityd.tokens.key_sources import URLKeySource
 from identityd.tokens.tokenreview import ClusterKeySource, cluster_key_source, jwks_key_source
 from tests.doubles.kube_apiserver import KubeAPIServer
 from tests.doubles.kube_inventory import connection_to, write_kubeconfig

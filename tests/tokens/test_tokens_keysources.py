@@ -36,7 +36,8 @@ from identityd.tokens import (
     key_source_from_settings,
 )
 from identityd.tokens.claims import TokenReason
-from identityd.tokens.jwks import DISCOVERY_PATH, is_api_server_url, parse_jwks
+from identityd.tokens.jwk import parse_jwks
+from identityd.tokens.key_sources import DISCOVERY_PATH, is_api_server_url
 
 INTERVAL = 30.0
 MAX_AGE = 600.0
