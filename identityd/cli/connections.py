@@ -49,6 +49,9 @@ RESERVED_DESCRIPTORS = PROBE_MAX_CONNECTIONS + 64
 LOOP_ERROR_INTERVAL_SECONDS = 10.0
 # A TLS handshake takes milliseconds; a client that needs longer is not a CA.
 HANDSHAKE_TIMEOUT_SECONDS = 5.0
+# Per accepted connection (the kernel doubles it for its bookkeeping): answers are a
+# few KiB, /metrics tens of KiB; see Acceptor.
+SEND_BUFFER_BYTES = 64 * 1024
 # How long a worker holding more connections than a sibling leaves a new one to it
 # (not watching the socket for a pause at a time), and how long it then takes them
 # itself when the sibling did not (busy evaluating, or stuck).
@@ -163,6 +166,11 @@ class Acceptor:
       (a client without a certificate can hold a handshake for its 5 s, so ~100
       connects a second would otherwise keep every slot from the CA), else the
       new one is closed at once;
+    - none with a large send buffer: ``SO_SNDBUF`` of ``SEND_BUFFER_BYTES``. Linux
+      grows a socket's send buffer to 4 MiB, charged to the pod's memory: a client
+      that pipelines requests and reads the answers a byte at a time held ~0.8 MiB
+      of kernel memory per connection, up to 4 MiB, so a full cap could take the
+      pod over its memory limit. Answers are a few KiB;
     - none that stalls: ``TCP_USER_TIMEOUT`` (``stall_timeout``) ends a connection
       whose sent data stays unacknowledged, or whose reader keeps its window shut,
       that long; aiohttp has no write timeout, so a client that pipelines requests
@@ -248,6 +256,7 @@ class Acceptor:
                 return
             held -= 1
         conn.setblocking(False)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         if self._stall_ms and conn.family in (socket.AF_INET, socket.AF_INET6):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self._stall_ms)
         self._open.append(conn)

@@ -21,6 +21,7 @@ from identityd.cli.connections import (
     DEFER_SECONDS,
     NOT_SERVING,
     RESERVED_DESCRIPTORS,
+    SEND_BUFFER_BYTES,
     TAKE_ALL_SECONDS,
     Acceptor,
     AcceptShare,
@@ -142,6 +143,48 @@ async def test_a_client_that_never_reads_its_answers_is_cut_off(
     finally:
         reader.close()
     assert await legit(server, cluster, pods) == 200
+
+
+def server_side_send_queue(port: int) -> int:
+    """Bytes queued to send on the server's side of connections to ``port``."""
+    queued = 0
+    for line in Path("/proc/self/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+            queued += int(fields[4].split(":")[0], 16)
+    return queued
+
+
+async def test_a_slow_reader_holds_a_bounded_send_buffer() -> None:
+    # Linux grows a send buffer to 4 MiB of the pod's memory for a reader that
+    # keeps its window barely open; the cap times that could exceed the pod's limit.
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    sock.setblocking(False)
+    port = sock.getsockname()[1]
+
+    class Flood(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(b"x" * (8 * 1024 * 1024))  # answers nobody reads
+
+    acceptor = Acceptor(sock, Flood, limit=8)
+    acceptor.start()
+    reader = socket.socket()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    reader.connect(("127.0.0.1", port))
+    reader.setblocking(False)
+    try:
+        for _ in range(10):  # a byte now and then keeps the window from closing
+            await asyncio.sleep(0.05)
+            with contextlib.suppress(BlockingIOError):
+                reader.recv(1)
+        assert 0 < server_side_send_queue(port) <= 2 * SEND_BUFFER_BYTES
+    finally:
+        reader.close()
+        acceptor.stop()
+        sock.close()
 
 
 async def test_connections_over_the_cap_are_closed_at_once_and_service_resumes(
