@@ -206,6 +206,26 @@ class Agent:
             return None
         return found
 
+    def _startup_facts(self) -> CertFacts | None:
+        """The certificate found at start when it is this pod's and can be refreshed;
+        else None (ask at once). A volume that outlives its pod, or one shared by
+        mistake, holds another identity's certificate, valid for hours: scheduling
+        from its dates left this pod without its own until then."""
+        cfg = self._config
+        try:
+            plan = plan_certificate(
+                pod_facts(token_claims(read_token(cfg.token_file)), cfg.pod_env), cfg
+            )
+        except IdentitydError:
+            return None  # the first attempt reports it, and backs off
+        found = self._refreshable(plan)
+        if found is None:
+            return None
+        try:
+            return cert_facts(x509.load_pem_x509_certificate(found[1].cert_pem))
+        except Exception:  # noqa: BLE001 - as in _refreshable: unusable, not fatal
+            return None
+
     def current_facts(self) -> CertFacts | None:
         """The certificate in the output directory, if any and still valid."""
         found = read_current(self._config.out_dir)
@@ -306,7 +326,7 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep a certificate fresh until ``stop`` is set (sidecar)."""
-        current = self.current_facts()
+        current = self._startup_facts()
         next_at = self.refresh_at(current) if current is not None else self._clock()
         while not await self._sleep_until(stop, next_at):
             try:

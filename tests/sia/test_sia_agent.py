@@ -413,3 +413,29 @@ async def test_an_encrypted_key_left_on_disk_means_registering_again(
     )
     again = await agent.attempt()
     assert again.kind == "instance"  # not a refresh: that key cannot sign for one
+
+
+async def test_a_certificate_of_another_pod_left_on_the_volume_is_replaced_at_once(
+    fake_ca: FakeCA, tmp_path: Path
+) -> None:
+    # A volume that outlived its pod: its certificate is valid for an hour, and not ours.
+    other_uid = "1a2b3c4d-5e6f-4a0b-8c9d-0e1f2a3b4c5d"
+    other = config(fake_ca, tmp_path, pod_env={**ENV, "POD_NAME": "api-2", "POD_UID": other_uid})
+    (tmp_path / "other-token").write_text(
+        ISSUER.mint("sports-web", "api", "api-2", other_uid, audiences=["identityd"])
+    )
+    await Agent(replace(other, token_file=tmp_path / "other-token")).attempt()
+    agent = Agent(config(fake_ca, tmp_path))
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        async with asyncio.timeout(5):
+            while agent.status.last_issued is None:
+                await asyncio.sleep(0.01)
+                assert not task.done(), task.exception()
+    finally:
+        stop.set()
+        await task
+    assert agent.status.last_issued is not None
+    assert agent.status.last_issued.kind == "instance"  # registered, not refreshed as api-2
+    assert f"athenz://instanceid/sys.auth.k8s/{UID}" in agent.status.last_issued.facts.uris
