@@ -174,7 +174,7 @@ class Acceptor:
     - none that stalls: ``TCP_USER_TIMEOUT`` (``stall_timeout``) ends a connection
       whose sent data stays unacknowledged, or whose reader keeps its window shut,
       that long; aiohttp has no write timeout, so a client that pipelines requests
-      and never reads the answers held its connection for good.
+      and never reads the answers held its connection for good;
     - none while a sibling worker holds fewer (``share``): the socket is not
       watched for ``PAUSE_SECONDS`` at a time, up to ``DEFER_SECONDS``, and the
       sibling, woken by the same readiness, takes it.
@@ -203,12 +203,14 @@ class Acceptor:
         self._open: list[socket.socket] = []
         # Connections being handed over (in their TLS handshake), oldest first.
         self._handshakes: dict[socket.socket, asyncio.Task[None]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # Made in a running loop (a site's start): every call comes back on it.
+        self._loop = asyncio.get_running_loop()
+        self._started = False
         self._resume: asyncio.TimerHandle | None = None
         self._reported = float("-inf")
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._started = True
         self._loop.add_reader(self._sock.fileno(), self._on_readable)
         if self.share is not None:
             self.share.publish(0)
@@ -220,7 +222,7 @@ class Acceptor:
         if self._resume is not None:
             self._resume.cancel()
             self._resume = None
-        elif self._loop is not None and self._sock.fileno() != -1:
+        elif self._started and self._sock.fileno() != -1:
             self._loop.remove_reader(self._sock.fileno())
         for task in self._handshakes.values():
             task.cancel()
@@ -243,7 +245,6 @@ class Acceptor:
             return  # a sibling took it, or the client left
         except OSError as exc:
             # Out of descriptors or buffers: asyncio's own server waits a second.
-            assert self._loop is not None
             self._loop.call_exception_handler(
                 {"message": "socket.accept() out of system resource", "exception": exc}
             )
@@ -252,8 +253,11 @@ class Acceptor:
         if held >= self.limit:
             if not self._evict_a_handshake():
                 conn.close()
-                self._over_limit()
+                self.refused += 1
+                self._report("closing new ones")
                 return
+            self.evicted += 1
+            self._report("closing the oldest still in its TLS handshake")
             held -= 1
         conn.setblocking(False)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
@@ -262,7 +266,6 @@ class Acceptor:
         self._open.append(conn)
         if self.share is not None:
             self.share.publish(held + 1)
-        assert self._loop is not None
         task = self._loop.create_task(self._hand_over(conn))
         self._handshakes[conn] = task
         task.add_done_callback(lambda _: self._handshakes.pop(conn, None))
@@ -275,12 +278,10 @@ class Acceptor:
             task.cancel()  # its transport closes the socket
             del self._handshakes[conn]
             self._open.remove(conn)
-            self.evicted += 1
             return True
         return False
 
     async def _hand_over(self, conn: socket.socket) -> None:
-        assert self._loop is not None
         context = self._tls() if self._tls is not None else None
         try:
             await self._loop.connect_accepted_socket(
@@ -302,7 +303,6 @@ class Acceptor:
             raise
 
     def _pause(self, seconds: float) -> None:
-        assert self._loop is not None
         if self._resume is not None:
             return
         self._loop.remove_reader(self._sock.fileno())
@@ -310,22 +310,23 @@ class Acceptor:
 
     def _watch_again(self) -> None:
         self._resume = None
-        if self._loop is None or self._sock.fileno() == -1:
+        if self._sock.fileno() == -1:
             return
         if self.share is not None and not _readable(self._sock):
             self.share.settled()  # a sibling took what was pending
         self._loop.add_reader(self._sock.fileno(), self._on_readable)
 
-    def _over_limit(self) -> None:
-        self.refused += 1
+    def _report(self, action: str) -> None:
         now = time.monotonic()
         if now - self._reported >= LOOP_ERROR_INTERVAL_SECONDS:
             self._reported = now
             log.warning(
-                "%d connections open on %s (the cap): closing new ones (%d so far)",
+                "%d connections open on %s (the cap): %s (%d refused, %d evicted so far)",
                 self.limit,
                 self._sock.getsockname(),
+                action,
                 self.refused,
+                self.evicted,
             )
 
 
