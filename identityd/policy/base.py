@@ -8,11 +8,12 @@ except that undefined has its own reason code ``POLICY_UNDEFINED``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from identityd.errors import PolicyCompileError, PolicyUnavailable
+from identityd.errors import BadRequest, PolicyCompileError, PolicyUnavailable
 
 __all__ = ["DECISION_QUERY", "Decision", "PolicyCompileError", "PolicyEngine"]
 
@@ -38,6 +39,15 @@ class Decision:
             "reasons": list(self.reasons),
             "attributes": dict(self.attributes),
         }
+
+
+def input_json(input_doc: Mapping[str, Any]) -> str:
+    """The input document as compact JSON text, for either engine; BadRequest when it
+    is not JSON (NaN, a value or key JSON has no form for)."""
+    try:
+        return json.dumps(dict(input_doc), allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise BadRequest("POLICY_INPUT_NOT_JSON", f"the policy input is not JSON: {exc}") from None
 
 
 def decision_from_document(doc: object) -> Decision:

@@ -49,6 +49,7 @@ from identityd.policy.base import (
     INPUT_VERSION,
     Decision,
     decision_from_document,
+    input_json,
 )
 from identityd.policy.sources import refuse_with
 from identityd.settings import DEFAULT_DECISION_TIMEOUT_SECONDS
@@ -506,10 +507,7 @@ def _native_agrees(c: _RegoC) -> bool:
 
 
 def _input_json(input_doc: Mapping[str, Any]) -> str:
-    try:
-        text = json.dumps(dict(input_doc), allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        raise BadRequest("POLICY_INPUT_NOT_JSON", f"the policy input is not JSON: {exc}") from None
+    text = input_json(input_doc)
     # regopy cuts strings at NUL (REGO_PORTABILITY.md); Python should have refused it already.
     if "\\u0000" in text:
         raise BadRequest("POLICY_INPUT_NOT_JSON", "the policy input contains NUL")

@@ -55,8 +55,8 @@ import yarl
 from opa_client import AsyncOpaClient
 from opa_client.errors import DeletePolicyError, RegoParseError
 
-from identityd.errors import BadRequest, PolicyCompileError, PolicyUnavailable
-from identityd.policy.base import DECISION_PATH, Decision, decision_from_document
+from identityd.errors import PolicyCompileError, PolicyUnavailable
+from identityd.policy.base import DECISION_PATH, Decision, decision_from_document, input_json
 from identityd.policy.merge import MergedPackage, merge_by_package
 from identityd.settings import DEFAULT_DECISION_TIMEOUT_SECONDS
 
@@ -581,10 +581,7 @@ def _input_body(input_doc: Mapping[str, Any]) -> bytes:
     """The request body ``{"input": ...}``; BadRequest if the input is not JSON."""
     if not isinstance(input_doc, Mapping):
         raise TypeError(f"input_doc: expected a mapping, got {type(input_doc).__name__}")
-    try:
-        return json.dumps({"input": dict(input_doc)}, allow_nan=False).encode()
-    except (TypeError, ValueError) as exc:
-        raise BadRequest("POLICY_INPUT_NOT_JSON", f"the policy input is not JSON: {exc}") from None
+    return b'{"input":' + input_json(input_doc).encode() + b"}"
 
 
 def _error_code(raw: bytes) -> str:
