@@ -112,14 +112,19 @@ async def test_a_head_sent_a_byte_at_a_time_is_closed_after_the_idle_timeout(
     assert await legit(server, cluster, pods) == 200
 
 
-def server_side_established(port: int) -> int:
-    """Connections to ``port`` open on the server's side (this process serves it)."""
-    count = 0
+def server_side_send_queues(port: int) -> list[int]:
+    """Bytes queued to send on the server's side of each open connection to ``port``
+    (this process serves it), from /proc/self/net/tcp."""
+    queues = []
     for line in Path("/proc/self/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
         if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
-            count += 1
-    return count
+            queues.append(int(fields[4].split(":")[0], 16))
+    return queues
+
+
+def server_side_established(port: int) -> int:
+    return len(server_side_send_queues(port))
 
 
 async def test_a_client_that_never_reads_its_answers_is_cut_off(
@@ -143,16 +148,6 @@ async def test_a_client_that_never_reads_its_answers_is_cut_off(
     finally:
         reader.close()
     assert await legit(server, cluster, pods) == 200
-
-
-def server_side_send_queue(port: int) -> int:
-    """Bytes queued to send on the server's side of connections to ``port``."""
-    queued = 0
-    for line in Path("/proc/self/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
-            queued += int(fields[4].split(":")[0], 16)
-    return queued
 
 
 async def test_a_slow_reader_holds_a_bounded_send_buffer() -> None:
@@ -180,7 +175,7 @@ async def test_a_slow_reader_holds_a_bounded_send_buffer() -> None:
             await asyncio.sleep(0.05)
             with contextlib.suppress(BlockingIOError):
                 reader.recv(1)
-        assert 0 < server_side_send_queue(port) <= 2 * SEND_BUFFER_BYTES
+        assert 0 < sum(server_side_send_queues(port)) <= 2 * SEND_BUFFER_BYTES
     finally:
         reader.close()
         acceptor.stop()
